@@ -1,0 +1,29 @@
+# The one place torch is pinned: a plain `torch` would pull a multi-GB CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+OUT ?= outputs/demo
+
+.PHONY: install demo test test-fast clean
+
+$(BIN)/wandistiller: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --upgrade pip
+	$(BIN)/pip install "$(TORCH_SPEC)"
+	$(BIN)/pip install -e ".[dev]"
+	touch $@
+
+install: $(BIN)/wandistiller
+
+demo: install
+	$(BIN)/wandistiller demo --output-dir $(OUT)
+
+test: install
+	$(BIN)/python -m pytest tests notebooks --nbval-lax -q
+
+test-fast: install
+	$(BIN)/python -m pytest tests -q -m "not slow and not browser"
+
+clean:
+	rm -rf $(VENV) outputs
