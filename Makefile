@@ -20,7 +20,7 @@ demo: install
 	$(BIN)/wandistiller demo --output-dir $(OUT)
 
 test: install
-	$(BIN)/python -m pytest tests notebooks --nbval-lax -q
+	$(BIN)/python -m pytest tests $(wildcard notebooks/*.ipynb) --nbval-lax -q
 
 test-fast: install
 	$(BIN)/python -m pytest tests -q -m "not slow and not browser"
