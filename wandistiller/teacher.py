@@ -12,6 +12,7 @@ import gc
 import hashlib
 import json
 import logging
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -238,36 +239,47 @@ class Teacher:
         With `negative` (a negative prompt, "" for Wan's default), returns (prompt_embeds, negative_embeds).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        embeds = torch.cat([self._encode_one(p) for p in prompts])
+        self._encode_missing(prompts + ([negative] if negative is not None else []))
+        embeds = torch.cat([self._embed_cache[p] for p in prompts])
         if negative is None:
             return embeds
-        return embeds, self._encode_one(negative).expand(len(prompts), -1, -1).clone()
+        return embeds, self._embed_cache[negative].expand(len(prompts), -1, -1).clone()
 
-    def _encode_one(self, prompt: str) -> torch.Tensor:
-        if prompt in self._embed_cache:
-            return self._embed_cache[prompt]
+    def _embed_path(self, prompt: str) -> Path | None:
+        return self.cache_dir / "prompt_embeds" / f"{self._embed_cache_key(prompt)}.safetensors" if self.cache_dir else None
+
+    def _encode_missing(self, prompts: list[str], batch_size: int = 32) -> None:
         from safetensors.torch import load_file, save_file
 
-        disk = self.cache_dir / "prompt_embeds" / f"{self._embed_cache_key(prompt)}.safetensors" if self.cache_dir else None
-        if disk is not None and disk.is_file():
-            embeds = load_file(disk)["prompt_embeds"]
-        else:
-            if self.pipe.text_encoder is None:
-                raise RuntimeError(f"prompt {prompt[:40]!r} is not cached and the text encoder was released: "
-                                   "encode all prompts before release_text_encoder()")
+        missing = []
+        for prompt in dict.fromkeys(prompts):
+            path = self._embed_path(prompt)
+            if prompt in self._embed_cache:
+                continue
+            if path is not None and path.is_file():
+                self._embed_cache[prompt] = load_file(path)["prompt_embeds"]
+            else:
+                missing.append(prompt)
+        if missing and self.pipe.text_encoder is None:
+            raise RuntimeError(f"prompt {missing[0][:40]!r} is not cached and the text encoder was released: "
+                               "encode all prompts before release_text_encoder()")
+        for start in range(0, len(missing), batch_size):
+            # One batched call: T5's relative-position bias is computed once per call, not once per prompt.
+            chunk = missing[start:start + batch_size]
             with torch.no_grad():
                 embeds, _ = self.pipe.encode_prompt(
-                    prompt, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
+                    chunk, do_classifier_free_guidance=False, max_sequence_length=MAX_SEQUENCE_LENGTH,
                     device=self.pipe.text_encoder.device, dtype=self.dtype,
                 )
-            embeds = embeds.cpu()
-            if disk is not None:
-                disk.parent.mkdir(parents=True, exist_ok=True)
-                tmp = disk.with_suffix(".tmp")
-                save_file({"prompt_embeds": embeds.contiguous()}, tmp)
-                tmp.replace(disk)
-        self._embed_cache[prompt] = embeds
-        return embeds
+            for prompt, embed in zip(chunk, embeds.cpu()):
+                embed = embed[None].clone()
+                self._embed_cache[prompt] = embed
+                path = self._embed_path(prompt)
+                if path is not None:
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    tmp = path.with_name(f".{path.name}.tmp")
+                    save_file({"prompt_embeds": embed}, tmp)
+                    os.replace(tmp, path)
 
     # --- velocity ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -1,0 +1,604 @@
+"""distill(): the training loop, from a laptop to torchrun, with checkpoints that survive being killed.
+
+One process or many: under `torchrun` (RANK set) every rank runs this same function; prompts for the
+teacher targets are split across ranks, the student is wrapped in DDP, and rank 0 alone prints, plots and
+writes. A checkpoint directory appears atomically (written under a temporary name, fsynced, renamed), so the
+newest one on disk is always complete and `resume=True` continues exactly where it was written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from .data import DEFAULT_PROMPTS_PATH, TargetSpec, build_target_cache, load_target_cache, make_online_inputs, read_prompts
+from .loss import DistillLoss, FeatureAdapters, check_finite
+from .model import WanLiteTransformer2DModel, load_student_config
+
+DEFAULT_STUDENT_CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "student_config_small.json")
+CHECKPOINT_PREFIX = "step_"
+
+
+@dataclass
+class DistillConfig:
+    """Every parameter of a distillation run (the names of the original tool's flags where it had them)."""
+
+    # teacher
+    teacher_path: str = "tiny"
+    teacher_device_strategy: str = "auto"
+    teacher_dtype: str = "float32"
+    teacher_on_cpu: bool = False
+    guidance_scale: float | None = None
+    guidance_scale_2: float | None = None
+    # student
+    student_config: str | dict = DEFAULT_STUDENT_CONFIG
+    student_init: str = "projection"  # "projection", "random", or the path of a saved student
+    projection_layers: str | list = "uniform"
+    projection_width: str = "importance"
+    projection_expert: str = "low_noise"
+    # data and teacher targets
+    data_path: str = str(DEFAULT_PROMPTS_PATH)
+    output_dir: str = "outputs/distill"
+    latent_source: str = "trajectory"  # trajectory | noise | renoise | images
+    images_path: str | None = None
+    cache_dir: str | None = None  # default: output_dir/cache
+    teacher_targets: str = "cache"  # cache: precomputed, teacher-free training; online: queried per batch
+    num_inference_steps: int = 8
+    samples_per_prompt: int = 4
+    height: int | None = None  # default: the student config's image_size
+    width: int | None = None
+    # optimisation
+    num_epochs: int = 1
+    max_steps: int | None = None
+    batch_size: int = 8
+    gradient_accumulation_steps: int = 1
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 10
+    max_grad_norm: float = 1.0
+    ema_decay: float = 0.999  # 0 disables the EMA
+    cfg_distill: bool = True
+    timestep_weighting: str = "none"
+    feature_weight: float = 0.0
+    mixed_precision: str = "auto"  # auto (bf16 on GPU) | no | bf16
+    gradient_checkpointing: bool = False
+    distributed: bool = False  # torchrun sets RANK; this only makes its absence an error
+    num_workers: int = 0
+    seed: int = 0
+    # checkpoints
+    checkpoint_interval: int = 50
+    keep_checkpoints: int = 3
+    resume: bool = False
+    # samples
+    save_samples: bool = True
+    sample_prompts: list | None = None  # default: the first two training prompts
+    sample_interval: int = 1  # epochs
+    sample_dir: str | None = None  # default: output_dir/samples
+    sample_steps: int | None = None  # default: num_inference_steps
+    progress: bool = True
+    callbacks: list = field(default_factory=list, repr=False)
+
+    def to_json(self) -> dict:
+        return {k: v for k, v in dataclasses.asdict(self).items() if k != "callbacks"}
+
+
+@dataclass
+class DistillResult:
+    output_dir: Path
+    student_path: Path | None
+    ema_path: Path | None
+    checkpoints: list
+    sample_paths: list
+    grid_paths: list
+    metrics_path: Path
+    metrics: list
+    steps: int
+
+
+# --- setup ---------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _Dist:
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self):
+        if self.world_size > 1:
+            dist.barrier()
+
+    def mean(self, value: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            value = value.clone()
+            dist.all_reduce(value)
+            value /= self.world_size
+        return value
+
+
+def _setup_distributed(cfg: DistillConfig) -> _Dist:
+    if "RANK" not in os.environ:
+        if cfg.distributed:
+            raise RuntimeError("distributed=True but this process was not started by torchrun: launch with "
+                               "`torchrun --nproc_per_node=N -m wandistiller distill ... --distributed`")
+        return _Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if world > 1 and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return _Dist(rank, world, device)
+
+
+def _resolve_config(config, params) -> DistillConfig:
+    known = {f.name for f in dataclasses.fields(DistillConfig)}
+    unknown = sorted(set(params) - known)
+    if unknown:
+        raise ValueError(f"unknown distill parameter(s) {unknown}; see DistillConfig for the names")
+    if config is None:
+        return DistillConfig(**params)
+    return dataclasses.replace(config, **params)
+
+
+def _check(cfg: DistillConfig, world_size: int) -> None:
+    if cfg.batch_size % world_size:
+        raise ValueError(f"batch_size={cfg.batch_size} is the global batch and must divide by the {world_size} ranks")
+    if cfg.teacher_targets not in ("cache", "online"):
+        raise ValueError(f"teacher_targets must be 'cache' or 'online', got {cfg.teacher_targets!r}")
+    if cfg.feature_weight > 0 and cfg.teacher_targets != "online":
+        raise ValueError("feature_weight > 0 needs the teacher's features at each batch: set teacher_targets='online'")
+    if cfg.mixed_precision not in ("auto", "no", "bf16"):
+        raise ValueError(f"mixed_precision must be auto, no or bf16, got {cfg.mixed_precision!r}")
+
+
+# --- checkpoints ---------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in `output_dir/checkpoints`, oldest first (temporary directories are ignored)."""
+    root = Path(output_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX))
+
+
+def _fsync_tree(path: Path) -> None:
+    for file in path.rglob("*"):
+        if file.is_file():
+            with open(file, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _save_checkpoint(output_dir: Path, step: int, student, state: dict, keep: int) -> Path:
+    root = output_dir / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
+    tmp = root / f".tmp_{final.name}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    student.save_pretrained(tmp / "student", safe_serialization=True)
+    torch.save(state, tmp / "training_state.pt")
+    _fsync_tree(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    for old in list_checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(old)
+    return final
+
+
+def _load_training_state(checkpoint: Path) -> dict:
+    # Only our own checkpoints are read here, and with weights_only=True, which refuses arbitrary objects.
+    return torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+
+
+# --- the teacher, loaded only when it is needed ----------------------------------------------------------------
+
+
+class _LazyTeacher:
+    def __init__(self, cfg: DistillConfig, embed_cache: Path):
+        self.cfg, self.embed_cache, self.teacher = cfg, embed_cache, None
+
+    def __call__(self):
+        if self.teacher is None:
+            from .teacher import load_teacher
+
+            cfg = self.cfg
+            self.teacher = load_teacher(cfg.teacher_path, cfg.teacher_device_strategy, cfg.teacher_dtype,
+                                        teacher_on_cpu=cfg.teacher_on_cpu, load_experts=False, cache_dir=self.embed_cache,
+                                        guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2)
+        return self.teacher
+
+
+def _teacher_source(cfg: DistillConfig) -> str:
+    from .teacher import resolve_teacher_path
+
+    return resolve_teacher_path(cfg.teacher_path)
+
+
+def _teacher_config(teacher_source: str) -> dict:
+    from diffusers import WanTransformer3DModel
+
+    return dict(WanTransformer3DModel.load_config(teacher_source, subfolder="transformer"))
+
+
+def _build_student(cfg: DistillConfig, get_teacher, teacher_config: dict, rank: int):
+    student_cfg = load_student_config(cfg.student_config)
+    if cfg.student_init == "random":
+        return WanLiteTransformer2DModel.from_student_config(student_cfg, teacher_config, seed=cfg.seed), None
+    if cfg.student_init != "projection":
+        path = Path(cfg.student_init)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"student_init={cfg.student_init!r} is neither 'projection', 'random' nor a saved "
+                                    "student directory (with config.json)")
+        return WanLiteTransformer2DModel.from_pretrained(path), None
+    if rank != 0:
+        # Same architecture; DDP broadcasts rank 0's projected weights when it wraps the model.
+        return WanLiteTransformer2DModel.from_student_config(student_cfg, teacher_config, seed=cfg.seed), None
+    from .projection import project
+
+    return project(get_teacher(), student_cfg, layers=cfg.projection_layers, width=cfg.projection_width,
+                   expert=cfg.projection_expert)
+
+
+# --- samples ---------------------------------------------------------------------------------------------------
+
+
+class _Sampler:
+    """Student (and, once, teacher) images for the sample prompts from the same fixed noise."""
+
+    def __init__(self, cfg: DistillConfig, teacher_source: str, student, prompts: list[str], embeds,
+                 height: int, width: int, teacher=None):
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+        from .pipeline import WanLitePipeline
+        from .teacher import read_model_index
+
+        self.cfg, self.prompts, self.embeds = cfg, prompts, embeds
+        self.steps = cfg.sample_steps or cfg.num_inference_steps
+        vae = AutoencoderKLWan.from_pretrained(teacher_source, subfolder="vae").eval().requires_grad_(False)
+        scheduler = UniPCMultistepScheduler.from_pretrained(teacher_source, subfolder="scheduler")
+        expand = bool(read_model_index(Path(teacher_source)).get("expand_timesteps"))
+        self.pipe = WanLitePipeline(transformer=student, vae=vae, scheduler=scheduler, expand_timesteps=expand)
+        self.pipe.set_progress_bar_config(disable=True)
+        scale = self.pipe.vae_scale_factor
+        generator = torch.Generator().manual_seed(cfg.seed + 12345)
+        self.noise = torch.randn(len(prompts), vae.config.z_dim, height // scale, width // scale, generator=generator)
+        self.teacher_images = self._teacher_images(teacher) if teacher is not None else None
+
+    def _teacher_images(self, teacher) -> list:
+        from .data import record_trajectories
+
+        embeds, negative = teacher.encode_prompts(self.prompts, negative="")
+        _, final = record_trajectories(teacher, embeds, negative, self.noise[:, :, None],
+                                       TargetSpec(num_inference_steps=self.steps), progress=False)
+        return self.pipe.decode_latents(final[:, :, 0])
+
+    @torch.no_grad()
+    def student_images(self) -> list:
+        device = next(self.pipe.transformer.parameters()).device
+        return self.pipe(prompt_embeds=self.embeds.to(device), latents=self.noise.to(device),
+                         num_inference_steps=self.steps, output_type="pil").images
+
+
+# --- the loop --------------------------------------------------------------------------------------------------
+
+
+def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
+    """Distil the teacher into a Wan-Lite student; see `DistillConfig` for every parameter.
+
+    Call it as `distill(batch_size=8, ...)` or `distill(DistillConfig(...))`. Returns a `DistillResult` with
+    the student path, checkpoints, samples and metrics. Under torchrun every rank calls it.
+    """
+    cfg = _resolve_config(config, params)
+    rt = _setup_distributed(cfg)
+    _check(cfg, rt.world_size)
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+
+    prompts = read_prompts(cfg.data_path)
+    student_cfg = load_student_config(cfg.student_config)
+    height = cfg.height or student_cfg.image_size
+    width = cfg.width or student_cfg.image_size
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
+    teacher_source = _teacher_source(cfg)
+    get_teacher = _LazyTeacher(cfg, cache_dir / "prompt_embed_cache")
+    spec = TargetSpec(latent_source=cfg.latent_source, height=height, width=width,
+                      num_inference_steps=cfg.num_inference_steps, samples_per_prompt=cfg.samples_per_prompt,
+                      seed=cfg.seed, images_path=cfg.images_path)
+
+    # 1. Teacher targets: from the cache (built here if missing; the teacher is loaded only to build it).
+    if cfg.teacher_targets == "cache":
+        if not (cache_dir / "manifest.json").is_file():
+            build_target_cache(get_teacher(), prompts, cache_dir, spec, rank=rt.rank, world_size=rt.world_size,
+                               barrier=rt.barrier, progress=cfg.progress and rt.is_main)
+        targets, manifest = load_target_cache(cache_dir)
+        if manifest["spec"] != dataclasses.asdict(spec) or manifest["prompts"] != prompts:
+            raise ValueError(f"the target cache {cache_dir} was made with other prompts or settings: pass a new "
+                             "cache_dir (the existing one is kept)")
+    else:
+        targets = make_online_inputs(get_teacher(), prompts, spec, progress=cfg.progress and rt.is_main)
+
+    # 2. Student: resumed, projected from the teacher, random, or loaded.
+    checkpoints = list_checkpoints(out) if cfg.resume else []
+    state = None
+    teacher_config = _teacher_config(teacher_source)
+    report = None
+    if checkpoints:
+        student = WanLiteTransformer2DModel.from_pretrained(checkpoints[-1] / "student")
+        state = _load_training_state(checkpoints[-1])
+    else:
+        student, report = _build_student(cfg, get_teacher, teacher_config, rt.rank)
+    student.to(rt.device).train()
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+
+    loss_fn = _make_loss(cfg, student, teacher_config, report).to(rt.device)
+    model = student
+    if rt.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    params = list(student.parameters()) + list(loss_fn.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    local_batch = cfg.batch_size // rt.world_size
+    sampler = torch.utils.data.DistributedSampler(targets, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
+                                                  seed=cfg.seed, drop_last=True)
+    loader = torch.utils.data.DataLoader(targets, batch_size=local_batch, sampler=sampler, drop_last=True,
+                                         num_workers=cfg.num_workers)
+    steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(targets)} targets give no full batch of {cfg.batch_size}: lower batch_size or add prompts")
+    total_steps = cfg.num_epochs * steps_per_epoch
+    if cfg.max_steps is not None:
+        total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
+    ema = None
+    if cfg.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(student.parameters(), decay=cfg.ema_decay)
+
+    step, epoch, batch_in_epoch = 0, 0, 0
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if ema is not None and state.get("ema") is not None:
+            ema.load_state_dict(state["ema"])
+        if state.get("loss_fn"):
+            loss_fn.load_state_dict(state["loss_fn"])
+        torch.set_rng_state(state["rng"])
+        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+
+    metrics_path = out / "metrics.jsonl"
+    metrics = _prepare_metrics(metrics_path, step, rt.is_main)
+    sample_dir = Path(cfg.sample_dir) if cfg.sample_dir else out / "samples"
+    sample_prompts = list(cfg.sample_prompts or prompts[:2])
+    sampler_images = None
+    if cfg.save_samples and rt.is_main:
+        embeds = _sample_embeds(targets, prompts, sample_prompts, get_teacher)
+        sampler_images = _Sampler(cfg, teacher_source, student, sample_prompts, embeds, height, width,
+                                  teacher=get_teacher.teacher)
+    sample_paths, grid_paths, saved = [], [], []
+    if get_teacher.teacher is not None and cfg.teacher_targets == "cache":
+        get_teacher.teacher = None  # training from the cache needs no teacher: free it
+    online = get_teacher.teacher if cfg.teacher_targets == "online" else None
+    autocast = _autocast(cfg, rt.device)
+
+    bar = tqdm(total=total_steps, initial=step, desc="distilling", disable=not (cfg.progress and rt.is_main))
+    t_last, samples_since = time.perf_counter(), 0
+    accum = cfg.gradient_accumulation_steps
+    while step < total_steps:
+        sampler.set_epoch(epoch)
+        parts_sum, micro = {}, 0
+        for b, batch in enumerate(loader):
+            if b < batch_in_epoch or b >= steps_per_epoch * accum:
+                continue
+            parts = _micro_step(model, student, loss_fn, batch, targets, online, rt.device, autocast, step)
+            (parts["loss"] / accum).backward()
+            for k, v in parts.items():
+                parts_sum[k] = parts_sum.get(k, 0.0) + v.detach()
+            micro += 1
+            samples_since += len(batch["timesteps"]) * rt.world_size
+            if micro < accum:
+                continue
+            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
+            optimizer.step()
+            lr_scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.step(student.parameters())
+            step += 1
+            batch_in_epoch = b + 1
+            now = time.perf_counter()
+            record = {"step": step, "epoch": epoch + batch_in_epoch / (steps_per_epoch * accum),
+                      **{k: float(rt.mean(v / micro)) for k, v in parts_sum.items()},
+                      "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": samples_since / max(now - t_last, 1e-9)}
+            t_last, samples_since, parts_sum, micro = now, 0, {}, 0
+            if rt.is_main:
+                _append_metrics(metrics_path, record)
+                metrics.append(record)
+                bar.set_postfix(loss=f"{record['loss']:.4g}")
+                bar.update()
+                _notify(cfg.callbacks, "on_step", step, record)
+            if step % cfg.checkpoint_interval == 0 or step == total_steps:
+                if rt.is_main:
+                    saved.append(_save_checkpoint(out, step, student, _training_state(
+                        optimizer, lr_scheduler, ema, loss_fn, step, epoch, batch_in_epoch), cfg.keep_checkpoints))
+                rt.barrier()
+            if step >= total_steps:
+                break
+        if step >= total_steps and batch_in_epoch < steps_per_epoch * accum:
+            finished_epoch = False
+        else:
+            finished_epoch = True
+            epoch, batch_in_epoch = epoch + 1, 0
+        if sampler_images is not None and (step >= total_steps or (finished_epoch and epoch % cfg.sample_interval == 0)):
+            paths, grid = _write_samples(sampler_images, student, sample_dir, epoch, sample_prompts, cfg.callbacks)
+            sample_paths += paths
+            grid_paths.append(grid)
+    bar.close()
+
+    student_path = ema_path = None
+    if rt.is_main:
+        student_path = out / "student"
+        student.save_pretrained(student_path, safe_serialization=True)
+        if ema is not None:
+            ema_path = out / "student_ema"
+            ema.store(student.parameters())
+            ema.copy_to(student.parameters())
+            student.save_pretrained(ema_path, safe_serialization=True)
+            ema.restore(student.parameters())
+        (out / "distill_config.json").write_text(json.dumps(cfg.to_json(), indent=1, default=str))
+    rt.barrier()
+    result = DistillResult(out, student_path, ema_path, list_checkpoints(out), sample_paths, grid_paths,
+                           metrics_path, metrics, step)
+    _notify(cfg.callbacks, "on_end", result)
+    return result
+
+
+def _make_loss(cfg: DistillConfig, student, teacher_config: dict, report) -> DistillLoss:
+    if cfg.feature_weight <= 0:
+        return DistillLoss(cfg_distill=cfg.cfg_distill, weighting=cfg.timestep_weighting)
+    depth_map = report.depth_map if report is not None else _uniform_depth_map(
+        student.config.num_layers, teacher_config["num_layers"])
+    block_map = list(enumerate(depth_map))
+    teacher_dim = teacher_config["num_attention_heads"] * teacher_config["attention_head_dim"]
+    student_dim = student.config.num_attention_heads * student.config.attention_head_dim
+    adapters = FeatureAdapters(student_dim, teacher_dim, len(block_map))
+    return DistillLoss(feature_weight=cfg.feature_weight, cfg_distill=cfg.cfg_distill,
+                       weighting=cfg.timestep_weighting, adapters=adapters, block_map=block_map)
+
+
+def _uniform_depth_map(student_depth: int, teacher_depth: int) -> list[int]:
+    if student_depth == 1:
+        return [teacher_depth - 1]
+    return [round(i * (teacher_depth - 1) / (student_depth - 1)) for i in range(student_depth)]
+
+
+def _micro_step(model, student, loss_fn, batch, targets, teacher, device, autocast, step) -> dict:
+    latents = batch["latents"].to(device)
+    timesteps = batch["timesteps"].to(device)
+    embeds = targets.prompt_embeds[batch["prompt_index"]].to(device)
+    teacher_feats = None
+    if teacher is None:
+        v_cond, v_uncond, guidance = (batch[k].to(device) for k in ("v_cond", "v_uncond", "guidance"))
+    else:
+        negative = targets.negative_embeds.expand(len(latents), -1, -1)
+        v_cond, v_uncond, guidance, teacher_feats = _query_online(teacher, latents, timesteps, embeds, negative,
+                                                                  need_features=loss_fn.feature_weight > 0)
+        v_cond, v_uncond, guidance = v_cond.to(device), v_uncond.to(device), guidance.to(device)
+    with autocast:
+        out = model(latents, timesteps, embeds, output_hidden_states=loss_fn.feature_weight > 0)
+    parts = loss_fn(out.sample.float(), v_cond, v_uncond, guidance, timestep=timesteps,
+                    student_feats=out.hidden_states, teacher_feats=teacher_feats)
+    check_finite(parts, step + 1)
+    return parts
+
+
+@torch.no_grad()
+def _query_online(teacher, latents, timesteps, embeds, negative, need_features: bool):
+    """Teacher velocities (and block outputs, for feature KD) for a batch, each sample on its own expert."""
+    names = [teacher.expert_for_timestep(t) for t in timesteps.tolist()]
+    v_cond, v_uncond = torch.empty_like(latents), torch.empty_like(latents)
+    guidance = torch.empty(len(latents))
+    feats = None
+    for name in dict.fromkeys(names):
+        idx = torch.tensor([i for i, n in enumerate(names) if n == name])
+        expert = teacher.load_expert(name)
+        captured, handles = [], []
+        if need_features:
+            handles = [blk.register_forward_hook(lambda m, a, o: captured.append(o)) for blk in expert.blocks]
+        x = latents[idx].unsqueeze(2)
+        v_cond[idx] = teacher.expert_velocity(name, x, timesteps[idx], embeds[idx])[:, :, 0].to(latents.device)
+        for h in handles:
+            h.remove()
+        v_uncond[idx] = teacher.expert_velocity(name, x, timesteps[idx], negative[idx])[:, :, 0].to(latents.device)
+        guidance[idx] = teacher.guidance_for_expert(name)
+        if need_features:
+            if feats is None:
+                feats = [torch.empty(len(latents), *c.shape[1:], device=latents.device) for c in captured]
+            for f, c in zip(feats, captured):
+                f[idx] = c.float().to(latents.device)
+    return v_cond, v_uncond, guidance, feats
+
+
+def _autocast(cfg: DistillConfig, device: torch.device):
+    use_bf16 = device.type == "cuda" and cfg.mixed_precision in ("auto", "bf16")
+    if cfg.mixed_precision == "bf16" and device.type != "cuda":
+        warnings.warn("mixed_precision='bf16' is used on GPUs only; training in float32 on the CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _training_state(optimizer, lr_scheduler, ema, loss_fn, step, epoch, batch_in_epoch) -> dict:
+    return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "loss_fn": loss_fn.state_dict(),
+            "rng": torch.get_rng_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+
+
+def _prepare_metrics(path: Path, step: int, is_main: bool) -> list:
+    """Metrics of steps up to `step` (those after it, from a killed run, are dropped so the curve continues)."""
+    records = []
+    if path.is_file():
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        records = [r for r in records if r["step"] <= step]
+    if is_main:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return records
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _sample_embeds(targets, prompts, sample_prompts, get_teacher):
+    index = {p: i for i, p in enumerate(prompts)}
+    if all(p in index for p in sample_prompts):
+        return targets.prompt_embeds[[index[p] for p in sample_prompts]]
+    return get_teacher().encode_prompts(sample_prompts)
+
+
+def _write_samples(sampler, student, sample_dir: Path, epoch: int, prompts, callbacks):
+    from .viz import image_grid
+
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    was_training = student.training
+    student.eval()
+    images = sampler.student_images()
+    student.train(was_training)
+    paths = []
+    for i, image in enumerate(images):
+        path = sample_dir / f"epoch_{epoch:04d}_sample_{i:02d}.png"
+        image.save(path)
+        paths.append(path)
+    rows = {"teacher": sampler.teacher_images, "student": images} if sampler.teacher_images else {"student": images}
+    grid = sample_dir / f"epoch_{epoch:04d}_grid.png"
+    image_grid([im for row in rows.values() for im in row], nrow=len(images)).save(grid)
+    _notify(callbacks, "on_samples", epoch, rows, prompts)
+    return paths, grid
+
+
+def _notify(callbacks, event: str, *args) -> None:
+    for callback in callbacks:
+        handler = getattr(callback, event, None)
+        if handler is not None:
+            handler(*args)

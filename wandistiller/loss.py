@@ -1,0 +1,332 @@
+"""The distillation objective: the student matches the teacher's flow-matching velocity.
+
+Conventions are those of Wan and diffusers' flow-matching schedulers (FlowMatchEulerDiscrete, and
+UniPCMultistep with ``use_flow_sigmas=True``): a timestep ``t`` in [0, 1000) has noise level
+``sigma = t / 1000``, the noisy latent is ``x_t = (1 - sigma) * x0 + sigma * noise``, the transformer
+predicts the velocity ``v = noise - x0``, and a sampler step is ``x_next = x_t + (sigma_next - sigma) * v``.
+Hence ``x0 = x_t - sigma * v`` and ``noise = x_t + (1 - sigma) * v``.
+
+Everything here is pure torch: the teacher's outputs arrive as tensors, so the loss never needs a teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+NUM_TRAIN_TIMESTEPS = 1000
+TIMESTEP_DISTRIBUTIONS = ("shifted_uniform", "uniform", "logit_normal")
+WEIGHTINGS = ("none", "min_snr", "cosmap")
+MIN_SNR_GAMMA = 5.0
+
+
+class NonFiniteLossError(RuntimeError):
+    """A loss part became NaN or infinite; training cannot continue from this state."""
+
+
+# --- timesteps and noising -------------------------------------------------------------------------------
+
+
+def sigma_from_timestep(timestep: torch.Tensor) -> torch.Tensor:
+    """Noise level of a flow-matching timestep: ``t / 1000``, so t=0 is clean and t->1000 is pure noise."""
+    return timestep / NUM_TRAIN_TIMESTEPS
+
+
+def _shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """Wan's flow shift (``flow_shift`` of its scheduler): moves noise levels towards 1 for shift > 1."""
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def _unshift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
+    """Inverse of `_shift`."""
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+def _sigma_cdf(sigma: torch.Tensor, distribution: str, shift: float) -> torch.Tensor:
+    """CDF of the noise-level distribution: maps sigma in [0, 1] to a quantile in [0, 1]."""
+    if distribution == "uniform":
+        return sigma
+    if distribution == "shifted_uniform":
+        return _unshift(sigma, shift)
+    return torch.special.ndtr(torch.logit(sigma))
+
+
+def _sigma_quantile(u: torch.Tensor, distribution: str, shift: float) -> torch.Tensor:
+    """Inverse CDF of the noise-level distribution."""
+    if distribution == "uniform":
+        return u
+    if distribution == "shifted_uniform":
+        return _shift(u, shift)
+    return torch.sigmoid(torch.special.ndtri(u))
+
+
+def _generator_device(generator: torch.Generator | None) -> torch.device:
+    """The device random numbers must be drawn on to use ``generator`` (CPU when there is none)."""
+    return generator.device if generator is not None else torch.device("cpu")
+
+
+def sample_timesteps(
+    batch_size: int,
+    *,
+    generator: torch.Generator | None = None,
+    shift: float = 3.0,
+    distribution: str = "shifted_uniform",
+    low: float = 0,
+    high: float = NUM_TRAIN_TIMESTEPS,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw ``batch_size`` float timesteps in ``[low, high)``.
+
+    Parameters:
+        distribution: the noise level ``sigma = t / 1000`` is
+            ``"shifted_uniform"``: ``u ~ U(0, 1)`` passed through Wan's flow shift (as the scheduler spaces
+            its sampling steps, so training sees noise levels in the proportion sampling visits them);
+            ``"uniform"``: ``sigma ~ U(0, 1)``;
+            ``"logit_normal"``: ``sigma = sigmoid(n)``, ``n ~ N(0, 1)`` (SD3).
+        shift: flow shift for ``"shifted_uniform"`` (Wan 2.2 uses 3.0 at 480p, 5.0 at 720p); ignored otherwise.
+        low, high: restrict timesteps to this range, e.g. ``[boundary_ratio * 1000, 1000)`` to train on the
+            high-noise expert's range only. The result follows the chosen distribution truncated to the range
+            (sampled by inverse CDF), not a rescaled copy of it.
+    """
+    if distribution not in TIMESTEP_DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {TIMESTEP_DISTRIBUTIONS}, got {distribution!r}")
+    if not 0 <= low < high <= NUM_TRAIN_TIMESTEPS:
+        raise ValueError(f"need 0 <= low < high <= {NUM_TRAIN_TIMESTEPS}, got low={low}, high={high}")
+    # float64 keeps the quantile transforms accurate near sigma=1, where the shift and the sigmoid saturate.
+    bounds = torch.tensor([low, high], dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+    u_low, u_high = _sigma_cdf(bounds, distribution, shift).tolist()
+    u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=_generator_device(generator))
+    sigma = _sigma_quantile(u_low + (u_high - u_low) * u, distribution, shift)
+    timesteps = (sigma * NUM_TRAIN_TIMESTEPS).float()
+    # Rounding to float32 can land exactly on `high`; the interval is half-open like the scheduler's.
+    below_high = torch.nextafter(torch.tensor(float(high)), torch.tensor(float(low)))
+    return timesteps.clamp(min=low, max=below_high.item()).to(device)
+
+
+def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Reshape a (B,) tensor to broadcast over the non-batch dimensions of ``like``."""
+    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+    """Noisy latent at ``timestep`` (B,): ``x_t = (1 - sigma) * x0 + sigma * noise``."""
+    sigma = _per_sample(sigma_from_timestep(timestep), x0)
+    return (1 - sigma) * x0 + sigma * noise
+
+
+def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """The velocity a flow-matching transformer predicts for ``add_noise(x0, noise, t)``: ``noise - x0``."""
+    return noise - x0
+
+
+# --- targets and losses -----------------------------------------------------------------------------------
+
+
+def guided_target(
+    v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float | torch.Tensor
+) -> torch.Tensor:
+    """Classifier-free-guided velocity ``v_uncond + g * (v_cond - v_uncond)``.
+
+    ``guidance_scale`` is a float or a (B,) tensor: per-sample scales are needed because Wan 2.2 A14B uses
+    ``guidance_scale`` on its high-noise expert (t >= boundary) and ``guidance_scale_2`` below it, and one
+    batch mixes both ranges.
+    """
+    if isinstance(guidance_scale, torch.Tensor):
+        guidance_scale = _per_sample(guidance_scale.to(v_cond.device), v_cond)
+    return v_uncond + guidance_scale * (v_cond - v_uncond)
+
+
+def _min_snr_mean() -> float:
+    """Mean over sigma ~ U(0, 1) of ``min((1 - sigma)^2, gamma * sigma^2)`` (closed form)."""
+    crossover = 1 / (1 + math.sqrt(MIN_SNR_GAMMA))
+    return (MIN_SNR_GAMMA * crossover**3 + (1 - crossover) ** 3) / 3
+
+
+def timestep_weight(timestep: torch.Tensor, weighting: str) -> torch.Tensor:
+    """Per-sample loss weight, normalised so its mean over uniformly drawn noise levels is 1.
+
+    The fixed normalisation (rather than dividing by the batch mean) keeps a sample's weight independent of
+    its batch, so one process and several data-parallel ranks optimise the same objective.
+
+    Parameters:
+        weighting:
+            ``"none"``: every timestep counts the same; plain velocity MSE, as Wan is trained.
+            ``"min_snr"``: Min-SNR-gamma (Hang et al. 2023, gamma=5) written for velocity: the error of the
+            implied clean latent, ``sigma^2 * |v err|^2``, weighted by ``min(SNR, gamma)`` with
+            ``SNR = ((1 - sigma) / sigma)^2``. Down-weights the nearly clean and the nearly pure-noise ends.
+            ``"cosmap"``: SD3's weighting, ``2 / (pi * (1 - 2 sigma + 2 sigma^2))``; favours mid noise levels.
+    """
+    sigma = sigma_from_timestep(timestep.float())
+    if weighting == "none":
+        return torch.ones_like(sigma)
+    if weighting == "min_snr":
+        return torch.minimum((1 - sigma) ** 2, MIN_SNR_GAMMA * sigma**2) / _min_snr_mean()
+    if weighting == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigma + 2 * sigma**2))  # already has mean exactly 1
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def velocity_loss(
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    timestep: torch.Tensor | None = None,
+    weighting: str = "none",
+    reduction: str = "mean",
+) -> torch.Tensor:
+    """Mean squared error between predicted and target velocity, optionally weighted per timestep.
+
+    ``reduction="mean"`` returns a scalar; ``"none"`` returns the (B,) per-sample losses (already weighted).
+    The error is computed in float32 so bf16 predictions do not lose the small differences late in training.
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    per_sample = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    if weighting != "none":
+        if timestep is None:
+            raise ValueError(f"weighting={weighting!r} needs the timesteps")
+        per_sample = per_sample * timestep_weight(timestep.to(per_sample.device), weighting)
+    return per_sample.mean() if reduction == "mean" else per_sample
+
+
+# --- feature distillation ---------------------------------------------------------------------------------
+
+
+class FeatureAdapters(nn.Module):
+    """One learned linear map per distilled block pair, from student width to teacher width.
+
+    Initialised to the identity on the first ``student_dim`` teacher channels (exactly the identity when the
+    widths match), so a student projected from the teacher starts with a meaningful feature loss instead of
+    one dominated by a random projection.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, num_pairs: int):
+        super().__init__()
+        self.adapters = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in range(num_pairs))
+        for adapter in self.adapters:
+            nn.init.eye_(adapter.weight)
+            nn.init.zeros_(adapter.bias)
+
+    def __len__(self) -> int:
+        return len(self.adapters)
+
+    def forward(self, pair_index: int, student_feature: torch.Tensor) -> torch.Tensor:
+        """Map the student feature of block pair ``pair_index`` into teacher space."""
+        return self.adapters[pair_index](student_feature)
+
+
+def feature_loss(
+    student_feats: Sequence[torch.Tensor],
+    teacher_feats: Sequence[torch.Tensor],
+    adapters: FeatureAdapters,
+    block_map: Sequence[tuple[int, int]],
+) -> torch.Tensor:
+    """Mean over block pairs of the MSE between adapted student and teacher block outputs.
+
+    ``block_map[k] = (student_block, teacher_block)`` indexes the feature lists (each (B, N, D)), and pair k
+    uses ``adapters[k]``. Teacher features are targets only: no gradient flows into them.
+    """
+    if len(block_map) != len(adapters):
+        raise ValueError(f"block_map has {len(block_map)} pairs but there are {len(adapters)} adapters")
+    losses = []
+    for k, (s, t) in enumerate(block_map):
+        adapted, target = adapters(k, student_feats[s]), teacher_feats[t].detach()
+        if adapted.shape != target.shape:
+            raise ValueError(
+                f"pair {k} (student block {s}, teacher block {t}): adapted student feature "
+                f"{tuple(adapted.shape)} does not match teacher feature {tuple(target.shape)}"
+            )
+        losses.append((adapted.float() - target.float()).pow(2).mean())
+    return torch.stack(losses).mean()
+
+
+# --- the combined objective -------------------------------------------------------------------------------
+
+
+class DistillLoss(nn.Module):
+    """Velocity KD, optionally CFG-distilled, plus optional feature KD.
+
+    Holds the feature adapters, so ``distill_loss.parameters()`` are the loss's trainable parameters and
+    belong in the optimiser next to the student's.
+
+    Parameters:
+        velocity_weight: weight of the velocity term.
+        feature_weight: weight of the feature term; 0 disables feature KD.
+        cfg_distill: when True the target is the teacher's guided velocity, so the student learns to produce
+            guided images in a single (unguided) call; otherwise the conditional velocity.
+        weighting: per-timestep weighting of the velocity term (see `timestep_weight`).
+        adapters, block_map: the feature adapters and (student_block, teacher_block) pairs; needed when
+            ``feature_weight > 0``.
+    """
+
+    def __init__(
+        self,
+        velocity_weight: float = 1.0,
+        feature_weight: float = 0.0,
+        cfg_distill: bool = False,
+        weighting: str = "none",
+        adapters: FeatureAdapters | None = None,
+        block_map: Sequence[tuple[int, int]] | None = None,
+    ):
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if feature_weight > 0 and (adapters is None or block_map is None):
+            raise ValueError("feature_weight > 0 needs adapters and block_map")
+        self.velocity_weight = velocity_weight
+        self.feature_weight = feature_weight
+        self.cfg_distill = cfg_distill
+        self.weighting = weighting
+        self.adapters = adapters
+        self.block_map = list(block_map) if block_map is not None else None
+
+    def target(
+        self,
+        teacher_cond: torch.Tensor,
+        teacher_uncond: torch.Tensor | None = None,
+        guidance: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The velocity the student is trained to produce (detached: the teacher is never trained)."""
+        if not self.cfg_distill:
+            return teacher_cond.detach()
+        if teacher_uncond is None or guidance is None:
+            raise ValueError("cfg_distill=True needs teacher_uncond and guidance")
+        return guided_target(teacher_cond.detach(), teacher_uncond.detach(), guidance)
+
+    def forward(
+        self,
+        student_pred: torch.Tensor,
+        teacher_cond: torch.Tensor,
+        teacher_uncond: torch.Tensor | None = None,
+        guidance: float | torch.Tensor | None = None,
+        timestep: torch.Tensor | None = None,
+        student_feats: Sequence[torch.Tensor] | None = None,
+        teacher_feats: Sequence[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Return ``{"loss": total, "velocity": ..., "feature": ...}``; parts are unweighted scalars.
+
+        ``"feature"`` is a zero tensor when feature KD is off, so every step logs the same keys.
+        """
+        target = self.target(teacher_cond, teacher_uncond, guidance)
+        velocity = velocity_loss(student_pred, target, timestep, self.weighting)
+        if self.feature_weight > 0:
+            if student_feats is None or teacher_feats is None:
+                raise ValueError("feature_weight > 0 needs student_feats and teacher_feats")
+            feature = feature_loss(student_feats, teacher_feats, self.adapters, self.block_map)
+        else:
+            feature = velocity.new_zeros(())
+        total = self.velocity_weight * velocity + self.feature_weight * feature
+        return {"loss": total, "velocity": velocity, "feature": feature}
+
+
+def check_finite(loss_parts: dict[str, torch.Tensor], step: int) -> None:
+    """Raise `NonFiniteLossError` naming the step and the non-finite parts, before a bad step is applied."""
+    bad = [name for name, value in loss_parts.items() if not torch.isfinite(torch.as_tensor(value)).all()]
+    if bad:
+        values = ", ".join(f"{name}={float(torch.as_tensor(loss_parts[name]).float().mean()):g}" for name in bad)
+        raise NonFiniteLossError(
+            f"non-finite loss at step {step} ({values}); try a lower learning rate, check the data and "
+            f"cached teacher targets for NaN/Inf, or train in float32/bfloat16 rather than float16"
+        )
