@@ -1,8 +1,15 @@
 """WanDistiller: distil the Wan 2.2 text-to-video model into Wan-Lite, a small 2D text-to-image transformer."""
 
-from .data import read_prompts
+from .data import TargetSpec, build_target_cache, load_target_cache, read_prompts
+from .loops import DistillConfig, DistillResult, distill
+from .model import WanLiteTransformer2DModel, load_student_config
+from .pipeline import WanLitePipeline
 from .teacher import Teacher, TeacherNotAvailableError, load_teacher
 from .toy import make_tiny_wan, tiny_wan_path
 
-__all__ = ["Teacher", "TeacherNotAvailableError", "load_teacher", "make_tiny_wan", "read_prompts", "tiny_wan_path"]
+__all__ = [
+    "DistillConfig", "DistillResult", "TargetSpec", "Teacher", "TeacherNotAvailableError", "WanLitePipeline",
+    "WanLiteTransformer2DModel", "build_target_cache", "distill", "load_student_config", "load_target_cache",
+    "load_teacher", "make_tiny_wan", "read_prompts", "tiny_wan_path",
+]
 __version__ = "0.1.0"

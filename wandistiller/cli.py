@@ -22,6 +22,38 @@ def _demo(args) -> int:
     return 0
 
 
+def _distill(args) -> int:
+    from .loops import distill
+
+    params = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    result = distill(**params)
+    if result.student_path is not None:
+        print(f"student saved to {result.student_path} ({result.steps} steps; metrics in {result.metrics_path})")
+    return 0
+
+
+def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per DistillConfig field, named as in the notebooks and the original tool (--num_epochs ...)."""
+    import dataclasses
+
+    from .loops import DistillConfig
+
+    for f in dataclasses.fields(DistillConfig):
+        if f.name == "callbacks":
+            continue
+        kind = str(f.type)
+        flag = f"--{f.name}"
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
+                                help=f"(default: {f.default})")
+        elif kind.startswith("list"):
+            parser.add_argument(flag, nargs="+", default=None, help="one or more values")
+        else:
+            convert = float if kind.startswith("float") else int if kind.startswith("int") else str
+            parser.add_argument(flag, type=convert, default=None, metavar=f.name.upper(),
+                                help=f"(default: {f.default})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .toy import VARIANTS
 
@@ -44,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/demo", help="where results go (default: outputs/demo)")
     p.add_argument("--teacher-path", default="tiny", help="teacher directory or hub id (default: the tiny teacher)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser("distill", help="distil a teacher into a Wan-Lite student (works under torchrun)",
+                       description="Distil a Wan teacher into a Wan-Lite student. Under `torchrun --nproc_per_node=N "
+                                   "-m wandistiller distill ... --distributed` every rank runs this command.")
+    _add_distill_arguments(p)
+    p.set_defaults(func=_distill)
     return parser
 
 

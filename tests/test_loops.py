@@ -1,0 +1,194 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import wandistiller.teacher
+from wandistiller.data import TargetSpec, build_target_cache, load_target_cache, read_prompts
+from wandistiller.loops import DistillConfig, distill, list_checkpoints
+from wandistiller.model import WanLiteTransformer2DModel
+
+SMALL = {"hidden_size": 16, "depth": 2, "num_heads": 1, "image_size": 64}
+
+
+def _losses(path):
+    return [json.loads(line)["loss"] for line in Path(path).read_text().splitlines()]
+
+
+def _matching_error(student, targets, cfg_distill=True):
+    """Mean squared error between the student's velocity and the (guided) teacher target over a target set."""
+    t = targets.tensors
+    with torch.no_grad():
+        pred = student(t["latents"], t["timesteps"], targets.prompt_embeds[t["prompt_index"]]).sample
+    target = t["v_uncond"] + t["guidance"].view(-1, 1, 1, 1) * (t["v_cond"] - t["v_uncond"])
+    return float((pred - target).pow(2).mean())
+
+
+def test_production_run_55_prompts_one_epoch(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(read_prompts()[:55]), encoding="utf-8")
+    result = distill(data_path=str(prompts), output_dir=str(tmp_path / "run"), num_epochs=1, batch_size=8,
+                     lr=2e-3, warmup_steps=5, checkpoint_interval=20, progress=False)
+    targets, manifest = load_target_cache(tmp_path / "run" / "cache")
+    assert len(manifest["prompts"]) == 55 and len(targets) == 55 * 8  # every step of every trajectory
+    assert result.steps == len(targets) // 8
+    reloaded = WanLiteTransformer2DModel.from_pretrained(result.student_path)
+    initial = WanLiteTransformer2DModel.from_pretrained(list_checkpoints(tmp_path / "run")[0] / "student")
+    first = _matching_error(initial, targets)
+    last = _matching_error(reloaded, targets)
+    losses = [m["loss"] for m in result.metrics]
+    print(f"loss first 5 steps {sum(losses[:5]) / 5:.4f} -> last 5 {sum(losses[-5:]) / 5:.4f}; "
+          f"matching error checkpoint {first:.4f} -> final {last:.4f}")
+    assert sum(losses[-5:]) < 0.8 * sum(losses[:5])
+    assert last < first
+    assert result.ema_path is not None and (result.ema_path / "config.json").is_file()
+    grid = result.grid_paths[-1]
+    assert grid.is_file() and [p.name for p in result.sample_paths] == ["epoch_0001_sample_00.png",
+                                                                         "epoch_0001_sample_01.png"]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[0])
+    assert {"step", "epoch", "loss", "velocity", "lr", "samples_per_s"} <= set(record)
+
+
+def test_cached_training_needs_no_teacher_and_matches_online(tmp_path, monkeypatch):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(read_prompts()[:6]), encoding="utf-8")
+    init = tmp_path / "init"
+    WanLiteTransformer2DModel.from_student_config(SMALL, {"in_channels": 16, "out_channels": 16, "text_dim": 32,
+                                                          "patch_size": (1, 2, 2), "freq_dim": 256,
+                                                          "num_attention_heads": 2, "attention_head_dim": 16,
+                                                          "ffn_dim": 64}, seed=0).save_pretrained(init)
+    common = dict(data_path=str(prompts), student_config=SMALL, student_init=str(init), latent_source="noise",
+                  samples_per_prompt=4, batch_size=4, num_epochs=2, lr=1e-3, ema_decay=0, progress=False,
+                  save_samples=False)
+    online = distill(output_dir=str(tmp_path / "online"), teacher_targets="online", **common)
+
+    teacher = wandistiller.teacher.load_teacher("tiny", device_strategy="cpu", load_experts=False)
+    spec = TargetSpec(latent_source="noise", samples_per_prompt=4, height=64, width=64, num_inference_steps=8)
+    build_target_cache(teacher, read_prompts(prompts), tmp_path / "cached" / "cache", spec, progress=False)
+    del teacher
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher must not be loaded when training from the cache")
+
+    monkeypatch.setattr(wandistiller.teacher, "load_teacher", refuse)
+    cached = distill(output_dir=str(tmp_path / "cached"), teacher_targets="cache", **common)
+    assert cached.steps == online.steps == 12
+    a, b = _losses(online.metrics_path), _losses(cached.metrics_path)
+    print("online", [round(x, 5) for x in a])
+    print("cached", [round(x, 5) for x in b])
+    assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
+
+
+def test_feature_distillation_trains_adapters(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(read_prompts()[:4]), encoding="utf-8")
+    result = distill(data_path=str(prompts), output_dir=str(tmp_path / "feat"), student_config=SMALL,
+                     teacher_targets="online", latent_source="noise", samples_per_prompt=2, batch_size=4,
+                     feature_weight=0.5, max_steps=4, progress=False, save_samples=False)
+    assert all(m["feature"] > 0 for m in result.metrics)
+    with pytest.raises(ValueError, match="teacher_targets='online'"):
+        distill(output_dir=str(tmp_path / "bad"), feature_weight=0.5)
+
+
+def test_unknown_parameter_and_indivisible_batch_are_clear_errors(tmp_path):
+    with pytest.raises(ValueError, match="unknown distill parameter"):
+        distill(output_dir=str(tmp_path), num_epoch=3)
+    with pytest.raises(ValueError, match="global batch"):
+        DistillConfig()  # the dataclass alone never fails
+        from wandistiller.loops import _check
+        _check(DistillConfig(batch_size=3), world_size=2)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(read_prompts()[:4]), encoding="utf-8")
+    common = dict(data_path=str(prompts), student_config=SMALL, student_init="random", batch_size=4,
+                  checkpoint_interval=2, progress=False, save_samples=False, output_dir=str(tmp_path / "run"))
+    distill(max_steps=4, **common)
+    before = list_checkpoints(tmp_path / "run")
+    shard = tmp_path / "run" / "cache" / "shard_00000.safetensors"
+    tensors = load_file(shard)
+    tensors["v_cond"][:] = float("nan")  # a corrupted teacher target
+    save_file(tensors, shard)
+    with pytest.raises(RuntimeError, match=r"non-finite loss at step 5 "):
+        distill(max_steps=8, resume=True, **common)
+    after = list_checkpoints(tmp_path / "run")
+    assert after[-1].name >= before[-1].name
+    WanLiteTransformer2DModel.from_pretrained(after[-1] / "student")  # complete and loadable
+
+
+def _cli(*args):
+    return [sys.executable, "-m", "wandistiller", "distill", *args]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_and_write_each_checkpoint_once(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(read_prompts()[:8]), encoding="utf-8")
+    config = tmp_path / "student.json"
+    config.write_text(json.dumps(SMALL))
+    args = ["--data_path", str(prompts), "--student_config", str(config), "--batch_size", "8", "--num_epochs", "2",
+            "--lr", "1e-3", "--checkpoint_interval", "4", "--no-progress", "--no-save_samples", "--num_inference_steps", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run(_cli("--output_dir", str(tmp_path / "one"), *args), env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                "-m", "wandistiller", "distill", "--distributed", "--output_dir", str(tmp_path / "two"), *args]
+    multi = subprocess.run(torchrun, env=env, capture_output=True, text=True)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
+    print("1 process", [round(x, 5) for x in one])
+    print("2 ranks  ", [round(x, 5) for x in two])
+    assert len(one) == len(two) == 8
+    assert two == pytest.approx(one, rel=1e-4)
+    names = [p.name for p in (tmp_path / "two" / "checkpoints").iterdir()]
+    assert sorted(names) == ["step_0000004", "step_0000008"]  # once each, no temporaries left behind
+    assert multi.stdout.count("student saved to") == 1
+    # both ranks trained the same weights as the single process
+    w1 = load_file(tmp_path / "one" / "student" / "diffusion_pytorch_model.safetensors")
+    w2 = load_file(tmp_path / "two" / "student" / "diffusion_pytorch_model.safetensors")
+    for key in w1:
+        torch.testing.assert_close(w1[key], w2[key], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_killed_run_resumes_exactly(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(read_prompts()[:8]), encoding="utf-8")
+    config = tmp_path / "student.json"
+    config.write_text(json.dumps(SMALL))
+    args = ["--data_path", str(prompts), "--student_config", str(config), "--batch_size", "4", "--num_epochs", "40",
+            "--lr", "1e-3", "--checkpoint_interval", "10", "--keep_checkpoints", "2", "--no-progress",
+            "--no-save_samples", "--num_inference_steps", "4", "--cache_dir", str(tmp_path / "cache")]
+    reference = subprocess.run(_cli("--output_dir", str(tmp_path / "ref"), *args, "--max_steps", "60"),
+                               capture_output=True, text=True)
+    assert reference.returncode == 0, reference.stderr[-2000:]
+
+    run = tmp_path / "run"
+    proc = subprocess.Popen(_cli("--output_dir", str(run), *args, "--max_steps", "60"),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline and not (run / "checkpoints" / "step_0000020").exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    killed_at = list_checkpoints(run)[-1]
+    assert killed_at.name < "step_0000060", "the run finished before it could be killed"
+    resumed = subprocess.run(_cli("--output_dir", str(run), *args, "--max_steps", "60", "--resume"),
+                             capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    a, b = _losses(tmp_path / "ref" / "metrics.jsonl"), _losses(run / "metrics.jsonl")
+    assert len(b) == 60
+    assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    for checkpoint in list_checkpoints(run):
+        WanLiteTransformer2DModel.from_pretrained(checkpoint / "student")
+        torch.load(checkpoint / "training_state.pt", weights_only=True)
+    assert not list((run / "checkpoints").glob(".tmp_*"))

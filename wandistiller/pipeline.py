@@ -1,0 +1,261 @@
+"""WanLitePipeline: text -> image with the 2D student, using the teacher's text encoder, VAE and scheduler.
+
+The pipeline is WanPipeline's sampling loop without a temporal axis: the same prompt encoding (borrowed from
+WanPipeline, not re-written), the same noise for the same generator (a single-frame Wan latent has exactly the
+elements of a 2D one), the same scheduler steps and classifier-free guidance, and the same VAE decoding. A
+student projected at the teacher's full size therefore samples the teacher's image.
+
+A CFG-distilled student needs one forward per step: `guidance_scale=1.0` (the default) skips the
+unconditional pass; `guidance_scale > 1` runs it as WanPipeline does.
+"""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput, WanPipeline
+from diffusers.image_processor import VaeImageProcessor
+from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
+
+# Imported here so that `WanLitePipeline.from_pretrained` finds the student's class: diffusers resolves a
+# custom component named "wandistiller.model" in model_index.json from the already-imported module.
+from .model import WanLiteTransformer2DModel
+
+OUTPUT_TYPES = ("pil", "np", "pt", "latent")
+DEFAULT_IMAGE_SIZE = 64
+
+
+class WanLitePipeline(DiffusionPipeline):
+    r"""
+    Text-to-image generation with a Wan-Lite student.
+
+    Parameters:
+        transformer ([`WanLiteTransformer2DModel`]):
+            The 2D student that predicts the flow-matching velocity `noise - x0`.
+        vae ([`AutoencoderKLWan`]):
+            The teacher's Wan VAE; latents are decoded as single-frame videos.
+        scheduler ([`SchedulerMixin`]):
+            A flow-matching scheduler (the teacher's `UniPCMultistepScheduler`, or `FlowMatchEulerDiscreteScheduler`).
+        tokenizer ([`T5Tokenizer`], *optional*):
+            The teacher's tokenizer; not needed when every call passes `prompt_embeds`.
+        text_encoder ([`UMT5EncoderModel`], *optional*):
+            The teacher's text encoder; not needed when every call passes `prompt_embeds`.
+        expand_timesteps (`bool`, defaults to `False`):
+            Give the transformer one timestep per latent patch, as WanPipeline does for Wan 2.2 TI2V-5B.
+    """
+
+    model_cpu_offload_seq = "text_encoder->transformer->vae"
+    _optional_components = ["tokenizer", "text_encoder"]
+
+    # WanPipeline's T5 encoding (prompt cleaning, truncation, cut to the true length, zero-padding to
+    # max_sequence_length): the student must see exactly the embeddings the teacher was given.
+    _get_t5_prompt_embeds = WanPipeline._get_t5_prompt_embeds
+
+    def __init__(self, transformer: WanLiteTransformer2DModel, vae, scheduler, tokenizer=None, text_encoder=None,
+                 expand_timesteps: bool = False):
+        super().__init__()
+        if transformer.config.in_channels != vae.config.z_dim:
+            raise ValueError(f"the student takes {transformer.config.in_channels} latent channels but the VAE makes "
+                             f"{vae.config.z_dim}: use the VAE of the teacher the student was built from")
+        self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, tokenizer=tokenizer,
+                              text_encoder=text_encoder)
+        self.register_to_config(expand_timesteps=expand_timesteps)
+        self.vae_scale_factor = vae.config.scale_factor_spatial
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
+
+    @classmethod
+    def from_teacher(cls, teacher, student: WanLiteTransformer2DModel, scheduler=None) -> "WanLitePipeline":
+        """A pipeline for `student` sharing the teacher's VAE, tokenizer and text encoder.
+
+        `teacher` is a `Teacher` (see `load_teacher`) or a WanPipeline. `scheduler` defaults to a fresh copy of
+        the teacher's scheduler (same class and config). A released text encoder stays None: the pipeline then
+        needs `prompt_embeds` (e.g. from `Teacher.encode_prompts`).
+        """
+        wan = getattr(teacher, "pipe", teacher)
+        if scheduler is None:
+            scheduler = type(wan.scheduler).from_config(wan.scheduler.config)
+        return cls(transformer=student, vae=wan.vae, scheduler=scheduler, tokenizer=wan.tokenizer,
+                   text_encoder=wan.text_encoder, expand_timesteps=bool(wan.config.get("expand_timesteps", False)))
+
+    # --- inputs ----------------------------------------------------------------------------------------------
+    @property
+    def size_multiple(self) -> tuple[int, int]:
+        """Height and width (pixels) must be multiples of these: VAE downsampling times the patch size."""
+        p_h, p_w = self.transformer.config.patch_size
+        return self.vae_scale_factor * p_h, self.vae_scale_factor * p_w
+
+    def default_image_size(self) -> tuple[int, int]:
+        """The transformer's `sample_size` (latent pixels, the diffusers convention) in pixels, else 64x64."""
+        sample_size = getattr(self.transformer.config, "sample_size", None)
+        if sample_size is None:
+            return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE
+        h, w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def check_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
+                     output_type):
+        if (prompt is None) == (prompt_embeds is None):
+            raise ValueError("pass exactly one of `prompt` and `prompt_embeds`")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("pass at most one of `negative_prompt` and `negative_prompt_embeds`")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise TypeError(f"`prompt` must be a str or a list of str, got {type(prompt).__name__}")
+        m_h, m_w = self.size_multiple
+        if height % m_h or width % m_w:
+            raise ValueError(f"height and width must be multiples of {m_h}x{m_w} (VAE factor {self.vae_scale_factor} "
+                             f"x patch {tuple(self.transformer.config.patch_size)}), got {height}x{width}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"unknown output_type {output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
+
+    def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance: bool = True,
+                      prompt_embeds=None, negative_prompt_embeds=None, max_sequence_length: int = 512,
+                      device=None, dtype=None):
+        """(prompt_embeds, negative_prompt_embeds) exactly as WanPipeline.encode_prompt makes them.
+
+        Without guidance the negative embeddings are None. The text encoder is needed only for what is not
+        passed in; when it is missing (released to save memory) this says so instead of failing inside T5.
+        """
+        missing = prompt_embeds is None or (do_classifier_free_guidance and negative_prompt_embeds is None)
+        if missing and (self.text_encoder is None or self.tokenizer is None):
+            what = "prompt" if prompt_embeds is None else "negative prompt (guidance_scale > 1)"
+            raise ValueError(f"this pipeline has no text encoder, so it cannot encode the {what}: pass "
+                             "`prompt_embeds` (and `negative_prompt_embeds` when guidance_scale > 1), e.g. from "
+                             "Teacher.encode_prompts, or build the pipeline before releasing the text encoder")
+        prompt_embeds, negative_prompt_embeds = WanPipeline.encode_prompt(
+            self, prompt, negative_prompt, do_classifier_free_guidance, 1, prompt_embeds, negative_prompt_embeds,
+            max_sequence_length, device, dtype,
+        )
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = None
+        return prompt_embeds, negative_prompt_embeds
+
+    def prepare_latents(self, batch_size: int, height: int, width: int, device, generator=None, latents=None):
+        """Float32 noise (B, C, H/s, W/s); given `latents` (also Wan's single-frame (B, C, 1, h, w)) are checked."""
+        shape = (batch_size, self.transformer.config.in_channels,
+                 height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            if isinstance(generator, list) and len(generator) != batch_size:
+                raise ValueError(f"got {len(generator)} generators for a batch of {batch_size}")
+            return randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
+        if tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)} but this call needs {shape} "
+                             f"(batch, channels, height/{self.vae_scale_factor}, width/{self.vae_scale_factor})")
+        return latents.to(device=device, dtype=torch.float32)
+
+    def _timestep_input(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """(B,) timesteps, or (B, num_patches) for per-token (TI2V-style) conditioning."""
+        batch_size, _, height, width = latents.shape
+        if not self.config.expand_timesteps:
+            return t.expand(batch_size)
+        p_h, p_w = self.transformer.config.patch_size
+        return t.expand(batch_size, (height // p_h) * (width // p_w))
+
+    # --- outputs ---------------------------------------------------------------------------------------------
+    def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
+        """Decode (B, C, h, w) latents as single-frame Wan videos; de-normalised exactly as WanPipeline does."""
+        vae = self.vae
+        latents = latents.unsqueeze(2).to(get_module_execution_device(vae), dtype=vae.dtype)
+        shape = (1, vae.config.z_dim, 1, 1, 1)
+        latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+        latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+        latents = latents / latents_std + latents_mean  # WanPipeline's arithmetic, so the pixels match bit for bit
+        images = vae.decode(latents, return_dict=False)[0][:, :, 0]
+        return self.image_processor.postprocess(images, output_type=output_type)
+
+    # --- sampling --------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompt: str | list[str] | None = None,
+        negative_prompt: str | list[str] | None = None,
+        *,
+        prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 8,
+        guidance_scale: float = 1.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        max_sequence_length: int = 512,
+    ) -> ImagePipelineOutput | tuple:
+        r"""
+        Generate images from text.
+
+        Args:
+            prompt (`str` or `list[str]`, *optional*):
+                The prompt(s); pass `prompt_embeds` instead when the pipeline has no text encoder.
+            negative_prompt (`str` or `list[str]`, *optional*):
+                Used only with `guidance_scale > 1`; defaults to "" as in WanPipeline.
+            prompt_embeds (`torch.Tensor` of shape `(batch_size, max_sequence_length, text_dim)`, *optional*):
+                Pre-computed text embeddings (e.g. `Teacher.encode_prompts`).
+            negative_prompt_embeds (`torch.Tensor`, *optional*):
+                Pre-computed negative embeddings, for `guidance_scale > 1`.
+            height (`int`, *optional*), width (`int`, *optional*):
+                Image size in pixels, multiples of `size_multiple`. Default: taken from `latents` when given,
+                else `default_image_size()`.
+            num_inference_steps (`int`, defaults to 8):
+                Scheduler steps.
+            guidance_scale (`float`, defaults to 1.0):
+                Classifier-free guidance; 1.0 means one (conditional) forward per step, as for a CFG-distilled
+                student.
+            generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
+                Makes the noise deterministic; the same generator gives the same noise as WanPipeline with
+                `num_frames=1`.
+            latents (`torch.Tensor`, *optional*):
+                Initial noise (B, C, H/s, W/s); the teacher's single-frame noise (B, C, 1, H/s, W/s) is accepted.
+            output_type (`str`, defaults to `"pil"`):
+                "pil" (list of PIL images), "np" (B, H, W, 3), "pt" (B, 3, H, W) in [0, 1], or "latent"
+                (the final latents (B, C, H/s, W/s), not decoded).
+            return_dict (`bool`, defaults to `True`):
+                Return an [`ImagePipelineOutput`] instead of the tuple `(images,)`.
+            max_sequence_length (`int`, defaults to 512):
+                Text length the embeddings are padded to (Wan: 512).
+        """
+        if latents is not None and latents.ndim == 5:
+            if latents.shape[2] != 1:
+                raise ValueError(f"latents with a frame axis must have one frame, got shape {tuple(latents.shape)}")
+            latents = latents.squeeze(2)
+        if latents is not None and (height is None or width is None):
+            height = height or latents.shape[-2] * self.vae_scale_factor
+            width = width or latents.shape[-1] * self.vae_scale_factor
+        default_h, default_w = self.default_image_size()
+        height, width = height or default_h, width or default_w
+        self.check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, output_type)
+
+        device = self._execution_device
+        if prompt is not None:
+            batch_size = 1 if isinstance(prompt, str) else len(prompt)
+        else:
+            batch_size = prompt_embeds.shape[0]
+        do_cfg = guidance_scale > 1.0
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt, do_cfg, prompt_embeds, negative_prompt_embeds, max_sequence_length, device,
+        )
+        dtype = self.transformer.dtype
+        prompt_embeds = prompt_embeds.to(device, dtype)
+        if do_cfg:
+            negative_prompt_embeds = negative_prompt_embeds.to(device, dtype)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        timesteps = self.scheduler.timesteps
+        latents = self.prepare_latents(batch_size, height, width, device, generator, latents)
+        self.scheduler.set_begin_index(0)
+
+        with self.progress_bar(total=len(timesteps)) as progress_bar:
+            for t in timesteps:
+                model_input = latents.to(dtype)
+                timestep = self._timestep_input(t, latents)
+                velocity = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
+                if do_cfg:
+                    uncond = self.transformer(model_input, timestep, negative_prompt_embeds, return_dict=False)[0]
+                    velocity = uncond + guidance_scale * (velocity - uncond)
+                latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
+                progress_bar.update()
+
+        images = latents if output_type == "latent" else self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (images,)
+        return ImagePipelineOutput(images=images)
