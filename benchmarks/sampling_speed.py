@@ -17,18 +17,16 @@ noisy: compare the ratios of one run, not seconds across runs.
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
 from diffusers import WanTransformer3DModel
-from torch.utils.flop_counter import FlopCounterMode
 
+from wandistiller.evaluate import forward_flops, images_per_second, num_params
 from wandistiller.model import WanLiteTransformer2DModel, load_student_config, student_model_config
 from wandistiller.pipeline import WanLitePipeline
 from wandistiller.projection import project
-from wandistiller.teacher import MAX_SEQUENCE_LENGTH, load_teacher
+from wandistiller.teacher import load_teacher
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
 # The default student is sized for the real teachers; the small one for the embedded tiny teacher.
@@ -49,34 +47,6 @@ FULL_SIZE_TEACHERS = {
 }
 
 
-# --- counting ------------------------------------------------------------------------------------------------
-def num_params(model: torch.nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def forward_flops(model: torch.nn.Module, latent_hw: tuple[int, int], device: str = "cpu") -> int:
-    """FLOPs of one forward on one image (batch 1, 512 text tokens); a 3D teacher gets a single frame."""
-    config = model.config
-    h, w = latent_hw
-    frame = (1,) if isinstance(model, WanTransformer3DModel) else ()
-    with torch.device(device):  # on meta, Wan's RoPE tables must be made on meta too
-        latents = torch.randn(1, config.in_channels, *frame, h, w)
-        text = torch.randn(1, MAX_SEQUENCE_LENGTH, config.text_dim)
-        timestep = torch.full((1,), 500.0)
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            model(latents, timestep, text, return_dict=False)
-    return counter.get_total_flops()
-
-
-# --- timing --------------------------------------------------------------------------------------------------
-def images_per_second(sample, batch_size: int, repeats: int) -> float:
-    sample()  # warm-up (allocator, first-call overheads)
-    seconds = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        sample()
-        seconds.append(time.perf_counter() - start)
-    return batch_size / statistics.median(seconds)
 
 
 def tiny_students(teacher) -> dict[str, WanLiteTransformer2DModel]:

@@ -4,12 +4,14 @@ from .data import TargetSpec, build_target_cache, load_target_cache, read_prompt
 from .loops import DistillConfig, DistillResult, distill
 from .model import WanLiteTransformer2DModel, load_student_config
 from .pipeline import WanLitePipeline
+from .projection import ProjectionReport, make_calibration, measure_importance, project
 from .teacher import Teacher, TeacherNotAvailableError, load_teacher
 from .toy import make_tiny_wan, tiny_wan_path
 
 __all__ = [
     "DistillConfig", "DistillResult", "TargetSpec", "Teacher", "TeacherNotAvailableError", "WanLitePipeline",
-    "WanLiteTransformer2DModel", "build_target_cache", "distill", "load_student_config", "load_target_cache",
+    "ProjectionReport", "WanLiteTransformer2DModel", "build_target_cache", "make_calibration", "measure_importance",
+    "project", "distill", "load_student_config", "load_target_cache",
     "load_teacher", "make_tiny_wan", "read_prompts", "tiny_wan_path",
 ]
 __version__ = "0.1.0"

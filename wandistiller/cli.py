@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -12,6 +13,72 @@ def _make_tiny_teacher(args) -> int:
 
     path = make_tiny_wan(args.path, args.variant, args.seed, overwrite=args.overwrite)
     print(f"tiny Wan {args.variant} teacher written to {path}")
+    return 0
+
+
+PATH_PARAMETER_SUFFIXES = ("_path", "_dir", "student_config")
+
+
+def parse_parameter_value(text: str):
+    """A -p value as papermill's CLI reads it: a Python literal (int, float, bool, None, list) or a string."""
+    import ast
+
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        return text
+
+
+def _absolute_paths(parameters: dict) -> dict:
+    """The notebook runs in its own folder: relative paths given on the command line mean the caller's folder."""
+    out = {}
+    for name, value in parameters.items():
+        is_path = isinstance(value, str) and name.endswith(PATH_PARAMETER_SUFFIXES) and not Path(value).is_absolute()
+        if is_path and (name.endswith("_dir") or Path(value).exists()):
+            value = str(Path(value).resolve())
+        out[name] = value
+    return out
+
+
+def rank_output_path(output: Path) -> Path:
+    """Under torchrun every rank writes its own executed notebook (one shared path would lose all but one)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return output
+    return output.with_name(f"{output.stem}.rank{os.environ.get('RANK', '0')}{output.suffix}")
+
+
+def run_notebook(notebook: str | Path, parameters: dict | None = None, output: str | Path | None = None) -> Path:
+    """Execute a notebook headless with papermill in this environment's kernel; returns the executed copy.
+
+    Unknown parameter names are an error (papermill itself only warns). Under torchrun each rank writes
+    `NAME.rankN.ipynb` and only rank 0 streams cell output to the terminal.
+    """
+    import papermill
+
+    notebook = Path(notebook)
+    if not notebook.is_file():
+        raise FileNotFoundError(f"notebook {notebook} does not exist: see notebooks/ for 01_...04_")
+    parameters = _absolute_paths(parameters or {})
+    known = papermill.inspect_notebook(str(notebook))
+    unknown = sorted(set(parameters) - set(known))
+    if unknown:
+        raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {notebook.name}: it takes {', '.join(known)}")
+    output = rank_output_path(Path(output) if output else Path("outputs") / "notebooks" / notebook.name)
+    if output.resolve() == notebook.resolve():
+        raise ValueError(f"--output {output} is the notebook itself: choose another path so the source is kept")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    is_main = os.environ.get("RANK", "0") == "0"
+    papermill.execute_notebook(str(notebook), str(output), parameters=parameters, kernel_name="python3",
+                               cwd=str(notebook.resolve().parent), log_output=is_main, progress_bar=is_main)
+    return output
+
+
+def _run(args) -> int:
+    parameters = {name: parse_parameter_value(value) for name, value in args.parameters}
+    output = run_notebook(args.notebook, parameters, args.output)
+    if os.environ.get("RANK", "0") == "0":
+        print(f"executed notebook written to {output}")
     return 0
 
 
@@ -76,6 +143,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-dir", default="outputs/demo", help="where results go (default: outputs/demo)")
     p.add_argument("--teacher-path", default="tiny", help="teacher directory or hub id (default: the tiny teacher)")
     p.set_defaults(func=_demo)
+
+    p = sub.add_parser(
+        "run", help="execute a notebook headless (papermill), also once per rank under torchrun",
+        description="Execute a notebook headless with papermill in this environment's kernel.",
+        epilog="Multi-GPU: torchrun --nproc_per_node=4 -m wandistiller run notebooks/03_distill.ipynb "
+               "-p distributed True  (torchrun takes `-m wandistiller`, not `python -m ...`; with the console "
+               "script use `torchrun --no-python ... wandistiller run ...`).")
+    p.add_argument("notebook", help="the notebook to execute, e.g. notebooks/03_distill.ipynb")
+    p.add_argument("-p", "--parameter", dest="parameters", nargs=2, action="append", default=[],
+                   metavar=("NAME", "VALUE"), help="set a parameter of the notebook's `parameters` cell (repeatable)")
+    p.add_argument("--output", help="executed notebook path (default outputs/notebooks/NAME; .rankN added per rank)")
+    p.set_defaults(func=_run)
 
     p = sub.add_parser("distill", help="distil a teacher into a Wan-Lite student (works under torchrun)",
                        description="Distil a Wan teacher into a Wan-Lite student. Under `torchrun --nproc_per_node=N "

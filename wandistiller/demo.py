@@ -1,24 +1,29 @@
-"""`make demo`: the kit end to end on the embedded tiny teacher."""
+"""`make demo`: the notebooks 01 -> 04 executed headless on the embedded tiny teacher."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import torch
+NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 
-def run_demo(output_dir: Path, teacher_path: str = "tiny") -> Path:
-    """Generate one image with the teacher through WanPipeline and save it under `output_dir`."""
-    from .teacher import load_teacher
+def run_demo(output_dir: Path, teacher_path: str = "tiny") -> list[Path]:
+    """Run every numbered notebook in order, each writing into `output_dir`; print where the results are."""
+    from .cli import run_notebook
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    teacher = load_teacher(teacher_path)
-    prompt = "a red fox sitting in fresh snow, looking at the camera"
-    generator = torch.Generator().manual_seed(0)
-    image = teacher.pipe(prompt, height=64, width=64, num_frames=1, num_inference_steps=8,
-                         guidance_scale=teacher.guidance_scale, guidance_scale_2=teacher.guidance_scale_2,
-                         generator=generator, output_type="pil").frames[0][0]
-    path = output_dir / "teacher_sample.png"
-    image.save(path)
-    print(f"teacher ({teacher.variant}, {teacher.source}) image for {prompt!r} saved to {path.resolve()}")
-    return path
+    output_dir = output_dir.resolve()
+    notebooks = sorted(NOTEBOOK_DIR.glob("[0-9][0-9]_*.ipynb"))
+    executed = []
+    for notebook in notebooks:
+        print(f"running {notebook.name} ...", flush=True)
+        executed.append(run_notebook(notebook, {"teacher_path": teacher_path, "output_dir": str(output_dir)},
+                                     output_dir / notebook.name))
+    print("\nexecuted notebooks:", *[f"  {p}" for p in executed], sep="\n")
+    for label, path in (("student", output_dir / "distill" / "student"),
+                        ("EMA student", output_dir / "distill" / "student_ema"),
+                        ("training samples", output_dir / "distill" / "samples_grid.png"),
+                        ("loss curve", output_dir / "distill" / "loss.png"),
+                        ("teacher vs student", output_dir / "evaluate" / "teacher_vs_student.png")):
+        if path.exists():
+            print(f"{label + ':':<20}{path}")
+    return executed

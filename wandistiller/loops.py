@@ -471,27 +471,27 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     rt.barrier()
     result = DistillResult(out, student_path, ema_path, list_checkpoints(out), sample_paths, grid_paths,
                            metrics_path, metrics, step)
-    _notify(cfg.callbacks, "on_end", result)
+    if rt.is_main:
+        _notify(cfg.callbacks, "on_end", result)
     return result
 
 
 def _make_loss(cfg: DistillConfig, student, teacher_config: dict, report) -> DistillLoss:
     if cfg.feature_weight <= 0:
         return DistillLoss(cfg_distill=cfg.cfg_distill, weighting=cfg.timestep_weighting)
-    depth_map = report.depth_map if report is not None else _uniform_depth_map(
-        student.config.num_layers, teacher_config["num_layers"])
+    if report is not None:
+        depth_map = report.depth_map
+    else:
+        from .projection import select_layers
+
+        depth_map = select_layers(teacher_config["num_layers"], student.config.num_layers, "uniform")
     block_map = list(enumerate(depth_map))
     teacher_dim = teacher_config["num_attention_heads"] * teacher_config["attention_head_dim"]
     student_dim = student.config.num_attention_heads * student.config.attention_head_dim
-    adapters = FeatureAdapters(student_dim, teacher_dim, len(block_map))
+    adapters = FeatureAdapters(student_dim, teacher_dim, len(block_map),
+                               channels=report.channels if report is not None else None)
     return DistillLoss(feature_weight=cfg.feature_weight, cfg_distill=cfg.cfg_distill,
                        weighting=cfg.timestep_weighting, adapters=adapters, block_map=block_map)
-
-
-def _uniform_depth_map(student_depth: int, teacher_depth: int) -> list[int]:
-    if student_depth == 1:
-        return [teacher_depth - 1]
-    return [round(i * (teacher_depth - 1) / (student_depth - 1)) for i in range(student_depth)]
 
 
 def _micro_step(model, student, loss_fn, batch, targets, teacher, device, autocast, step) -> dict:

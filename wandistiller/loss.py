@@ -197,17 +197,23 @@ def velocity_loss(
 class FeatureAdapters(nn.Module):
     """One learned linear map per distilled block pair, from student width to teacher width.
 
-    Initialised to the identity on the first ``student_dim`` teacher channels (exactly the identity when the
-    widths match), so a student projected from the teacher starts with a meaningful feature loss instead of
+    Initialised to the identity on the first ``student_dim`` teacher channels, or on ``channels`` (the teacher
+    channel each student channel was projected from; exactly the identity when the widths match), so a student projected from the teacher starts with a meaningful feature loss instead of
     one dominated by a random projection.
     """
 
-    def __init__(self, student_dim: int, teacher_dim: int, num_pairs: int):
+    def __init__(self, student_dim: int, teacher_dim: int, num_pairs: int, channels: Sequence[int] | None = None):
         super().__init__()
         self.adapters = nn.ModuleList(nn.Linear(student_dim, teacher_dim) for _ in range(num_pairs))
         for adapter in self.adapters:
-            nn.init.eye_(adapter.weight)
             nn.init.zeros_(adapter.bias)
+            if channels is None:
+                nn.init.eye_(adapter.weight)
+            else:
+                # Student channel j was projected from teacher channel channels[j]: map it back there.
+                nn.init.zeros_(adapter.weight)
+                with torch.no_grad():
+                    adapter.weight[torch.as_tensor(channels), torch.arange(student_dim)] = 1.0
 
     def __len__(self) -> int:
         return len(self.adapters)

@@ -342,3 +342,34 @@ def plot_spectrum(
         ax.legend(fontsize="small")
     ax.set(xlabel="index", ylabel="singular value", title=title)
     return fig
+
+
+# --- training callback --------------------------------------------------------------------------------------
+
+
+class TrainingMonitor:
+    """A `distill()` callback that keeps a live loss plot and a student-vs-teacher sample grid up to date.
+
+    Usage in a notebook: ``distill(..., callbacks=[TrainingMonitor()])``. Each plot is one figure updated in
+    place through its display id, so a headless run stores exactly the final figures. `loss_plot_path` and
+    `grid_path`, when given, receive PNG copies at the end.
+    """
+
+    def __init__(self, loss_plot: LiveLossPlot | None = None, sample_grid: SampleGrid | None = None,
+                 loss_plot_path: str | Path | None = None, grid_path: str | Path | None = None):
+        self.loss_plot = loss_plot or LiveLossPlot()
+        self.sample_grid = sample_grid or SampleGrid()
+        self.loss_plot_path, self.grid_path = loss_plot_path, grid_path
+
+    def on_step(self, step: int, metrics: Mapping[str, object]) -> None:
+        self.loss_plot.update(step, metrics)
+
+    def on_samples(self, epoch: int, rows: Mapping[str, Sequence[ImageLike]], captions: Sequence[str]) -> None:
+        self.sample_grid.update(rows, title=f"after epoch {epoch}", captions=captions)
+
+    def on_end(self, result) -> None:
+        self.loss_plot.close()
+        if self.loss_plot_path is not None:
+            self.loss_plot.save(self.loss_plot_path)
+        if self.grid_path is not None and self.sample_grid.figure is not None:
+            self.sample_grid.save(self.grid_path)
