@@ -347,6 +347,10 @@ def plot_spectrum(
 # --- training callback --------------------------------------------------------------------------------------
 
 
+# The loss parts distill() logs (metrics.jsonl also holds step, epoch, lr and samples_per_s).
+LOSS_KEYS = ("loss", "velocity", "feature")
+
+
 class TrainingMonitor:
     """A `distill()` callback that keeps a live loss plot and a student-vs-teacher sample grid up to date.
 
@@ -357,7 +361,7 @@ class TrainingMonitor:
 
     def __init__(self, loss_plot: LiveLossPlot | None = None, sample_grid: SampleGrid | None = None,
                  loss_plot_path: str | Path | None = None, grid_path: str | Path | None = None):
-        self.loss_plot = loss_plot or LiveLossPlot()
+        self.loss_plot = loss_plot or LiveLossPlot(keys=LOSS_KEYS)
         self.sample_grid = sample_grid or SampleGrid()
         self.loss_plot_path, self.grid_path = loss_plot_path, grid_path
 

@@ -1,0 +1,95 @@
+import json
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from wandistiller.cli import main, parse_parameter_value, rank_output_path
+from wandistiller.data import read_prompts
+
+ROOT = Path(__file__).resolve().parent.parent
+NOTEBOOK_03 = ROOT / "notebooks" / "03_distill.ipynb"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _few_prompts(tmp_path, n=8):
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(read_prompts()[:n]), encoding="utf-8")
+    return path
+
+
+def _image_outputs(notebook: Path) -> list[list]:
+    nb = json.loads(notebook.read_text())
+    return [[o for o in cell.get("outputs", []) if "image/png" in o.get("data", {})] for cell in nb["cells"]]
+
+
+def test_parameter_values_are_read_like_papermill():
+    assert parse_parameter_value("3") == 3
+    assert parse_parameter_value("1e-3") == 0.001
+    assert parse_parameter_value("True") is True
+    assert parse_parameter_value("None") is None
+    assert parse_parameter_value("tiny") == "tiny"
+    assert parse_parameter_value("../data/p.txt") == "../data/p.txt"
+
+
+def test_rank_output_path(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert rank_output_path(Path("out/03.ipynb")) == Path("out/03.ipynb")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert rank_output_path(Path("out/03.ipynb")) == Path("out/03.rank1.ipynb")
+
+
+def test_unknown_parameter_and_missing_notebook_are_errors(tmp_path, capsys):
+    assert main(["run", str(NOTEBOOK_03), "-p", "num_epoch", "1", "--output", str(tmp_path / "o.ipynb")]) == 2
+    err = capsys.readouterr().err
+    assert "unknown parameter(s) num_epoch" in err and "num_epochs" in err
+    assert not (tmp_path / "o.ipynb").exists()
+    assert main(["run", str(tmp_path / "nope.ipynb")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_run_distill_notebook_headless(tmp_path):
+    out = tmp_path / "out"
+    executed = tmp_path / "executed" / "03.ipynb"
+    cmd = [sys.executable, "-m", "wandistiller", "run", str(NOTEBOOK_03), "-p", "output_dir", str(out),
+           "-p", "data_path", str(_few_prompts(tmp_path)), "-p", "num_epochs", "2", "-p", "batch_size", "4",
+           "--output", str(executed)]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"executed notebook written to {executed}" in run.stdout
+    student = out / "distill" / "student"
+    assert (student / "config.json").is_file()
+    metrics = (out / "distill" / "metrics.jsonl").read_text().splitlines()
+    assert len(metrics) == 2 * (8 * 8 // 4)  # 8 prompts x 8 trajectory steps, batch 4, 2 epochs
+    images = _image_outputs(executed)
+    # the training cell stores exactly the final loss plot and the final sample grid, once each
+    assert max(len(outputs) for outputs in images) == 2
+    assert (out / "distill" / "loss.png").stat().st_size > 0
+    assert (out / "distill" / "samples_grid.png").stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_run_under_torchrun_writes_one_notebook_per_rank_and_one_student(tmp_path):
+    out = tmp_path / "out"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "wandistiller", "run", str(NOTEBOOK_03), "-p", "distributed", "True", "-p", "output_dir", str(out),
+           "-p", "data_path", str(_few_prompts(tmp_path)), "-p", "num_epochs", "1", "-p", "batch_size", "4",
+           "--output", str(tmp_path / "runs" / "03.ipynb")]
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["03.rank0.ipynb", "03.rank1.ipynb"]
+    assert run.stdout.count("executed notebook written to") == 1  # rank 0 alone talks
+    assert (out / "distill" / "student" / "config.json").is_file()
+    assert [p.name for p in (out / "distill" / "checkpoints").iterdir()] == ["step_0000016"]
+    assert len((out / "distill" / "metrics.jsonl").read_text().splitlines()) == 16
+    # only rank 0 plotted
+    assert max(len(o) for o in _image_outputs(tmp_path / "runs" / "03.rank0.ipynb")) == 2
+    assert max(len(o) for o in _image_outputs(tmp_path / "runs" / "03.rank1.ipynb")) == 0
