@@ -237,7 +237,7 @@ def _teacher_config(teacher_source: str) -> dict:
     return dict(WanTransformer3DModel.load_config(teacher_source, subfolder="transformer"))
 
 
-def _build_student(cfg: DistillConfig, get_teacher, teacher_config: dict, rank: int):
+def _build_student(cfg: DistillConfig, get_teacher, teacher_config: dict, rank: int, calibration_prompts: list[str]):
     student_cfg = load_student_config(cfg.student_config)
     if cfg.student_init == "random":
         return WanLiteTransformer2DModel.from_student_config(student_cfg, teacher_config, seed=cfg.seed), None
@@ -253,7 +253,7 @@ def _build_student(cfg: DistillConfig, get_teacher, teacher_config: dict, rank: 
     from .projection import project
 
     return project(get_teacher(), student_cfg, layers=cfg.projection_layers, width=cfg.projection_width,
-                   expert=cfg.projection_expert)
+                   expert=cfg.projection_expert, calibration={"prompts": calibration_prompts})
 
 
 # --- samples ---------------------------------------------------------------------------------------------------
@@ -324,6 +324,14 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
                       seed=cfg.seed, images_path=cfg.images_path)
 
     # 1. Teacher targets: from the cache (built here if missing; the teacher is loaded only to build it).
+    checkpoints = list_checkpoints(out) if cfg.resume else []
+    sample_prompts = list(cfg.sample_prompts or prompts[:2])
+    needs_teacher = (cfg.teacher_targets == "online" or not (cache_dir / "manifest.json").is_file()
+                     or (cfg.student_init == "projection" and not checkpoints and rt.is_main))
+    if needs_teacher:
+        # All text work first, then free the text encoder (UMT5-XXL: 5.7 B) before any expert is loaded.
+        get_teacher().encode_prompts(prompts + sample_prompts, negative="")
+        get_teacher().release_text_encoder()
     if cfg.teacher_targets == "cache":
         if not (cache_dir / "manifest.json").is_file():
             build_target_cache(get_teacher(), prompts, cache_dir, spec, rank=rt.rank, world_size=rt.world_size,
@@ -336,7 +344,6 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
         targets = make_online_inputs(get_teacher(), prompts, spec, progress=cfg.progress and rt.is_main)
 
     # 2. Student: resumed, projected from the teacher, random, or loaded.
-    checkpoints = list_checkpoints(out) if cfg.resume else []
     state = None
     teacher_config = _teacher_config(teacher_source)
     report = None
@@ -344,7 +351,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
         student = WanLiteTransformer2DModel.from_pretrained(checkpoints[-1] / "student")
         state = _load_training_state(checkpoints[-1])
     else:
-        student, report = _build_student(cfg, get_teacher, teacher_config, rt.rank)
+        student, report = _build_student(cfg, get_teacher, teacher_config, rt.rank, prompts[:8])
     student.to(rt.device).train()
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
@@ -391,7 +398,6 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     metrics_path = out / "metrics.jsonl"
     metrics = _prepare_metrics(metrics_path, step, rt.is_main)
     sample_dir = Path(cfg.sample_dir) if cfg.sample_dir else out / "samples"
-    sample_prompts = list(cfg.sample_prompts or prompts[:2])
     sampler_images = None
     if cfg.save_samples and rt.is_main:
         embeds = _sample_embeds(targets, prompts, sample_prompts, get_teacher)
