@@ -274,6 +274,7 @@ class _Sampler:
         vae = AutoencoderKLWan.from_pretrained(teacher_source, subfolder="vae").eval().requires_grad_(False)
         scheduler = UniPCMultistepScheduler.from_pretrained(teacher_source, subfolder="scheduler")
         expand = bool(read_model_index(Path(teacher_source)).get("expand_timesteps"))
+        vae.to(next(student.parameters()).device)
         self.pipe = WanLitePipeline(transformer=student, vae=vae, scheduler=scheduler, expand_timesteps=expand)
         self.pipe.set_progress_bar_config(disable=True)
         scale = self.pipe.vae_scale_factor

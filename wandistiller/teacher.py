@@ -284,9 +284,11 @@ class Teacher:
     # --- velocity ----------------------------------------------------------------------------------------
     @torch.no_grad()
     def expert_velocity(self, name: str, latents, timestep, prompt_embeds) -> torch.Tensor:
-        """One expert's velocity on single-frame latents (B, C, 1, H, W) at timesteps (B,), as float32."""
+        """One expert's velocity on single-frame latents (B, C, 1, H, W) at timesteps (B,), as float32 on the
+        latents' device (the expert may live elsewhere, e.g. on a GPU while the sampler state stays on the CPU)."""
         expert = self.load_expert(name)
         device = next(expert.parameters()).device
+        input_device = latents.device
         latents = latents.to(device, expert.dtype)
         timestep = torch.as_tensor(timestep, device=device).expand(latents.shape[0])
         if self.expand_timesteps:
@@ -296,7 +298,7 @@ class Teacher:
             timestep = timestep[:, None].expand(-1, tokens)
         out = expert(hidden_states=latents, timestep=timestep,
                      encoder_hidden_states=prompt_embeds.to(device, expert.dtype), return_dict=False)[0]
-        return out.float()
+        return out.float().to(input_device)
 
     @torch.no_grad()
     def velocity(self, latents, timestep, prompt_embeds, negative_prompt_embeds=None, guidance=None) -> torch.Tensor:
