@@ -19,8 +19,12 @@ install: $(BIN)/wandistiller
 demo: install
 	$(BIN)/wandistiller demo --output-dir $(OUT)
 
+# The notebooks write into a scratch folder of the test run's own, never into outputs/notebooks.
+NB_SCRATCH := outputs/test-notebooks
+
 test: install
-	$(BIN)/python -m pytest tests $(wildcard notebooks/*.ipynb) --nbval-lax -q
+	rm -rf $(NB_SCRATCH)
+	WANDISTILLER_OUTPUT_DIR=$(abspath $(NB_SCRATCH)) $(BIN)/python -m pytest tests $(wildcard notebooks/*.ipynb) --nbval-lax -q
 
 test-fast: install
 	$(BIN)/python -m pytest tests -q -m "not slow and not browser"

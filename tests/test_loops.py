@@ -192,3 +192,19 @@ def test_killed_run_resumes_exactly(tmp_path):
         WanLiteTransformer2DModel.from_pretrained(checkpoint / "student")
         torch.load(checkpoint / "training_state.pt", weights_only=True)
     assert not list((run / "checkpoints").glob(".tmp_*"))
+
+
+def test_an_earlier_run_is_never_replaced_silently(tmp_path):
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(read_prompts()[:2]), encoding="utf-8")
+    common = dict(data_path=str(prompts), student_config=SMALL, student_init="random", batch_size=4, max_steps=2,
+                  progress=False, save_samples=False, output_dir=str(tmp_path / "run"))
+    first = distill(**common)
+    weights = first.student_path / "diffusion_pytorch_model.safetensors"
+    before = weights.read_bytes()
+    with pytest.raises(FileExistsError, match="resume=True to continue it, overwrite=True to replace it"):
+        distill(**common, lr=5e-2)
+    assert weights.read_bytes() == before
+    replaced = distill(**common, lr=5e-2, overwrite=True)
+    assert replaced.steps == 2 and weights.read_bytes() != before
+    assert (tmp_path / "run" / "cache" / "manifest.json").is_file()  # the targets were kept and reused

@@ -9,6 +9,8 @@ NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
 
 def run_demo(output_dir: Path, teacher_path: str = "tiny") -> list[Path]:
     """Run every numbered notebook in order, each writing into `output_dir`; print where the results are."""
+    import papermill
+
     from .cli import run_notebook
 
     output_dir = output_dir.resolve()
@@ -16,8 +18,10 @@ def run_demo(output_dir: Path, teacher_path: str = "tiny") -> list[Path]:
     executed = []
     for notebook in notebooks:
         print(f"running {notebook.name} ...", flush=True)
-        executed.append(run_notebook(notebook, {"teacher_path": teacher_path, "output_dir": str(output_dir)},
-                                     output_dir / notebook.name))
+        parameters = {"teacher_path": teacher_path, "output_dir": str(output_dir)}
+        if "overwrite" in papermill.inspect_notebook(str(notebook)):
+            parameters["overwrite"] = True  # the demo's own folder: each `make demo` starts it afresh
+        executed.append(run_notebook(notebook, parameters, output_dir / notebook.name))
     print("\nexecuted notebooks:", *[f"  {p}" for p in executed], sep="\n")
     for label, path in (("student", output_dir / "distill" / "student"),
                         ("EMA student", output_dir / "distill" / "student_ema"),

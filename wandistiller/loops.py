@@ -78,7 +78,8 @@ class DistillConfig:
     # checkpoints
     checkpoint_interval: int = 50
     keep_checkpoints: int = 3
-    resume: bool = False
+    resume: bool = False  # continue the run in output_dir from its last checkpoint
+    overwrite: bool = False  # replace a finished or stopped run in output_dir (its target cache is kept)
     # samples
     save_samples: bool = True
     sample_prompts: list | None = None  # default: the first two training prompts
@@ -165,6 +166,27 @@ def _check(cfg: DistillConfig, world_size: int) -> None:
         raise ValueError("feature_weight > 0 needs the teacher's features at each batch: set teacher_targets='online'")
     if cfg.mixed_precision not in ("auto", "no", "bf16"):
         raise ValueError(f"mixed_precision must be auto, no or bf16, got {cfg.mixed_precision!r}")
+
+
+# --- the run directory -----------------------------------------------------------------------------------------
+
+RUN_OUTPUTS = ("checkpoints", "student", "student_ema", "samples", "metrics.jsonl", "distill_config.json")
+
+
+def _claim_output_dir(out: Path, cfg: DistillConfig, rt: _Dist) -> None:
+    """Refuse to train over an earlier run unless told to resume it or to replace it: nothing is lost silently."""
+    existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
+    if existing and not cfg.resume:
+        if not cfg.overwrite:
+            raise FileExistsError(f"{out} already holds a run ({', '.join(existing)}): pass resume=True to continue "
+                                  "it, overwrite=True to replace it, or choose another output_dir")
+        rt.barrier()  # every rank has looked before rank 0 deletes
+        if rt.is_main:
+            for name in existing:
+                path = out / name
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
+    rt.barrier()
+    out.mkdir(parents=True, exist_ok=True)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
@@ -310,7 +332,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     rt = _setup_distributed(cfg)
     _check(cfg, rt.world_size)
     out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _claim_output_dir(out, cfg, rt)
     torch.manual_seed(cfg.seed)
 
     prompts = read_prompts(cfg.data_path)
