@@ -208,3 +208,17 @@ def test_an_earlier_run_is_never_replaced_silently(tmp_path):
     replaced = distill(**common, lr=5e-2, overwrite=True)
     assert replaced.steps == 2 and weights.read_bytes() != before
     assert (tmp_path / "run" / "cache" / "manifest.json").is_file()  # the targets were kept and reused
+
+
+def test_distributed_without_torchrun_says_how_to_launch(tmp_path, monkeypatch, capsys):
+    from wandistiller.cli import main
+
+    for name in ("RANK", "WORLD_SIZE", "MASTER_ADDR"):
+        monkeypatch.delenv(name, raising=False)
+    assert main(["distill", "--distributed", "--output_dir", str(tmp_path / "run")]) == 2
+    assert "torchrun --nproc_per_node=N -m wandistiller distill" in capsys.readouterr().err
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["distill", "--output_dir", str(tmp_path / "run")]) == 2
+    assert "MASTER_ADDR is not" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()

@@ -138,6 +138,9 @@ def _setup_distributed(cfg: DistillConfig) -> _Dist:
                                "`torchrun --nproc_per_node=N -m wandistiller distill ... --distributed`")
         return _Dist(device=torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     rank, world = int(os.environ["RANK"]), int(os.environ.get("WORLD_SIZE", 1))
+    if world > 1 and "MASTER_ADDR" not in os.environ:
+        raise RuntimeError("RANK and WORLD_SIZE are set but MASTER_ADDR is not: start every rank with torchrun, "
+                           "e.g. `torchrun --nproc_per_node=N -m wandistiller distill ...` (not `torchrun python ...`)")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     if world > 1 and not dist.is_initialized():
