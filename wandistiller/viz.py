@@ -347,8 +347,8 @@ def plot_spectrum(
 # --- training callback --------------------------------------------------------------------------------------
 
 
-# The loss parts distill() logs (metrics.jsonl also holds step, epoch, lr and samples_per_s).
-LOSS_KEYS = ("loss", "velocity", "feature")
+# What the live plot draws of what distill() logs (metrics.jsonl also has velocity, step, epoch, lr, samples_per_s).
+LOSS_KEYS = ("loss", "feature")  # the velocity part equals the loss while feature KD is off
 
 
 class TrainingMonitor:

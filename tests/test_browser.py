@@ -1,0 +1,392 @@
+"""JupyterLab in a real browser: open notebook 03 in headless Chromium, run all cells, check the figures rendered.
+
+Chromium is Debian's (`apt-get install chromium`); nothing is downloaded. It is driven over the Chrome DevTools
+Protocol with `websocket-client` (no chromedriver). JupyterLab runs with `expose_app_in_browser`, so the test runs
+cells through the same command the Run menu uses (`notebook:run-all-cells`) and then inspects the rendered DOM.
+Everything listens on 127.0.0.1 only; JupyterLab and Chromium are always stopped, and every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+import websocket
+from PIL import Image
+
+pytestmark = pytest.mark.browser
+
+REPO = Path(__file__).resolve().parents[1]
+CHROMIUM = Path("/usr/bin/chromium")
+NOTEBOOK = "notebooks/03_distill.ipynb"
+RUN_TIMEOUT_S = 300  # the notebook trains a tiny model: ~10-70 s on a shared 2-core CPU
+WINDOW = (1280, 2000)
+
+# urllib must never route 127.0.0.1 through a proxy from the environment.
+_http = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _tail(path: Path, chars: int = 4000) -> str:
+    try:
+        return path.read_text(errors="replace")[-chars:]
+    except OSError:
+        return "<no log>"
+
+
+def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
+    """SIGTERM the process we started, then SIGKILL its own process group if it does not exit in time."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace_s)
+        except subprocess.TimeoutExpired:
+            pass
+    try:  # children left in the group we created (Chromium's renderers, ...)
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    try:
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        pass
+
+
+# --- JupyterLab ---------------------------------------------------------------------------------------------
+
+
+class Lab:
+    def __init__(self, proc: subprocess.Popen, port: int, token: str, root: Path, log: Path):
+        self.proc, self.port, self.token, self.root, self.log = proc, port, token, root, log
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.port}/{path}?token={self.token}"
+
+
+def _start_lab(tmp_path: Path) -> Lab:
+    root = tmp_path / "lab_root"
+    for name in ("notebooks", "config", "data"):  # the notebook's ../config, ../data, ../outputs resolve here
+        shutil.copytree(REPO / name, root / name, ignore=shutil.ignore_patterns(".ipynb_checkpoints"))
+
+    # Lab settings in a fresh dir: every cell attached to the DOM (no virtual windowing), no news/toasts.
+    settings = tmp_path / "lab_settings" / "@jupyterlab"
+    (settings / "notebook-extension").mkdir(parents=True)
+    (settings / "notebook-extension" / "tracker.jupyterlab-settings").write_text(
+        json.dumps({"windowingMode": "none"}))
+    (settings / "apputils-extension").mkdir(parents=True)
+    (settings / "apputils-extension" / "notification.jupyterlab-settings").write_text(
+        json.dumps({"fetchNews": "false", "checkForUpdates": False, "doNotDisturbMode": True}))
+
+    env = dict(os.environ)
+    for var, sub in [("WANDISTILLER_HOME", "wandistiller_home"), ("JUPYTER_CONFIG_DIR", "jupyter_config"),
+                     ("JUPYTER_DATA_DIR", "jupyter_data"), ("JUPYTER_RUNTIME_DIR", "jupyter_runtime"),
+                     ("IPYTHONDIR", "ipython")]:
+        env[var] = str(tmp_path / sub)
+        (tmp_path / sub).mkdir(exist_ok=True)
+    env.pop("JUPYTER_TOKEN", None)
+
+    port, token = _free_port(), secrets.token_hex(16)
+    log = tmp_path / "jupyterlab.log"
+    cmd = [
+        sys.executable, "-m", "jupyter", "lab", "--no-browser",
+        "--ServerApp.ip=127.0.0.1", f"--ServerApp.port={port}", "--ServerApp.port_retries=0",
+        f"--IdentityProvider.token={token}", f"--ServerApp.root_dir={root}",
+        "--ServerApp.terminals_enabled=False", "--ServerApp.allow_root=True",  # CI containers run as root
+        "--LabApp.extension_manager=readonly",
+        "--LabApp.expose_app_in_browser=True",
+        f"--LabApp.user_settings_dir={tmp_path / 'lab_settings'}",
+        f"--LabApp.workspaces_dir={tmp_path / 'lab_workspaces'}",
+        "--LabApp.check_for_updates_class=jupyterlab.NeverCheckForUpdate",
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, cwd=root, start_new_session=True)
+    lab = Lab(proc, port, token, root, log)
+    deadline = time.monotonic() + 90
+    while True:
+        if proc.poll() is not None:
+            raise RuntimeError(f"JupyterLab exited with {proc.returncode}:\n{_tail(log)}")
+        try:
+            with _http.open(lab.url("api/status"), timeout=5) as response:
+                if response.status == 200:
+                    return lab
+        except (urllib.error.URLError, OSError):
+            pass
+        if time.monotonic() > deadline:
+            _stop(proc)
+            raise RuntimeError(f"JupyterLab did not answer on 127.0.0.1:{port} within 90 s:\n{_tail(log)}")
+        time.sleep(0.5)
+
+
+# --- Chromium over the DevTools protocol ----------------------------------------------------------------------
+
+
+class Browser:
+    """Just enough of the Chrome DevTools Protocol: evaluate JS, navigate, take screenshots."""
+
+    def __init__(self, proc: subprocess.Popen, ws: websocket.WebSocket, log: Path):
+        self.proc, self.ws, self.log = proc, ws, log
+        self._ids = itertools.count(1)
+
+    def send(self, method: str, timeout_s: float = 30.0, **params):
+        msg_id = next(self._ids)
+        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            self.ws.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                message = json.loads(self.ws.recv())
+            except websocket.WebSocketTimeoutException:
+                break
+            if message.get("id") == msg_id:  # anything else is an event: ignored
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+        raise TimeoutError(f"no answer to {method} within {timeout_s} s")
+
+    def js(self, expression: str, await_promise: bool = False):
+        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True,
+                           awaitPromise=await_promise)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise RuntimeError(f"JS error: {details.get('exception', {}).get('description') or details}")
+        return result["result"].get("value")
+
+    def wait_for(self, expression: str, timeout_s: float, what: str, interval_s: float = 0.5):
+        """Poll a JS expression until it is truthy; return its value."""
+        deadline = time.monotonic() + timeout_s
+        value = None
+        while time.monotonic() < deadline:
+            value = self.js(expression)
+            if value:
+                return value
+            time.sleep(interval_s)
+        raise TimeoutError(f"timed out after {timeout_s} s waiting for {what} (last value: {value!r})")
+
+    def close(self) -> None:
+        """Ask Chromium to quit (it then ends its own helper processes); force it only if that fails."""
+        try:
+            self.ws.send(json.dumps({"id": next(self._ids), "method": "Browser.close", "params": {}}))
+            self.proc.wait(timeout=10)
+        except Exception:  # noqa: BLE001 - a broken connection or a hung browser: _stop below ends it
+            pass
+        finally:
+            self.ws.close()
+            _stop(self.proc, grace_s=5)
+
+    def screenshot(self, path: Path, clip: dict | None = None) -> Path:
+        params = {"format": "png", "captureBeyondViewport": clip is not None}
+        if clip is not None:
+            params["clip"] = {**clip, "scale": 1}
+        data = self.send("Page.captureScreenshot", **params)["data"]
+        path.write_bytes(base64.b64decode(data))
+        return path
+
+
+def _start_browser(tmp_path: Path) -> Browser:
+    profile = tmp_path / "chromium_profile"
+    profile.mkdir()
+    log = tmp_path / "chromium.log"
+    cmd = [
+        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+        "--disable-dev-shm-usage", "--disable-extensions", "--no-default-browser-check", "--no-proxy-server",
+        "--hide-scrollbars", "--mute-audio", f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+        "about:blank",
+    ]
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+    try:
+        # Chromium writes the port it picked (and the browser target's path) to DevToolsActivePort.
+        port_file = profile / "DevToolsActivePort"
+        deadline = time.monotonic() + 30
+        while not (port_file.exists() and port_file.read_text().strip()):
+            if proc.poll() is not None:
+                raise RuntimeError(f"Chromium exited with {proc.returncode}:\n{_tail(log)}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"Chromium opened no DevTools port within 30 s:\n{_tail(log)}")
+            time.sleep(0.2)
+        port = int(port_file.read_text().split()[0])
+        page = None
+        while page is None:
+            with _http.open(f"http://127.0.0.1:{port}/json/list", timeout=5) as response:
+                page = next((t for t in json.load(response) if t.get("type") == "page"), None)
+            if page is None:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("Chromium has no page target")
+                time.sleep(0.2)
+        # No Origin header: Chromium refuses DevTools websockets from unlisted origins.
+        ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+    except BaseException:
+        _stop(proc, grace_s=5)
+        raise
+    browser = Browser(proc, ws, log)
+    browser.send("Page.enable")
+    browser.send("Runtime.enable")
+    # A headless page never has OS focus; without it JupyterLab has no current widget for its commands.
+    browser.send("Emulation.setFocusEmulationEnabled", enabled=True)
+    browser.send("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1], deviceScaleFactor=1,
+                 mobile=False)
+    return browser
+
+
+# --- fixtures --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lab(tmp_path):
+    lab = _start_lab(tmp_path)
+    yield lab
+    _stop(lab.proc)
+
+
+@pytest.fixture
+def browser(tmp_path):
+    browser = _start_browser(tmp_path)
+    yield browser
+    browser.close()
+
+
+@pytest.fixture(autouse=True)
+def _require_chromium():
+    if not CHROMIUM.exists():
+        pytest.skip(f"{CHROMIUM} is missing (Debian package `chromium`); the browser test needs it")
+
+
+# --- page scripts ------------------------------------------------------------------------------------------------
+
+_NOTEBOOK_STATE = """(() => {
+  const app = window.jupyterapp;
+  if (!app) return null;
+  const panel = [...app.shell.widgets('main')]
+    .find(w => w.context && w.context.path.endsWith('03_distill.ipynb'));
+  if (!panel || !panel.sessionContext) return null;
+  const kernel = panel.sessionContext.session && panel.sessionContext.session.kernel;
+  return {id: panel.id, ready: panel.context.isReady, kernel: kernel ? kernel.status : null,
+          current: app.shell.currentWidget === panel,
+          cells: document.querySelectorAll('.jp-Notebook .jp-Cell').length};
+})()"""
+
+_PROGRESS = """(() => {
+  const w = [...window.jupyterapp.shell.widgets('main')]
+    .find(w => w.context && w.context.path.endsWith('03_distill.ipynb'));
+  const kernel = w.sessionContext.session && w.sessionContext.session.kernel;
+  const prompts = [...document.querySelectorAll('.jp-Notebook .jp-CodeCell .jp-InputPrompt')]
+    .map(e => e.textContent.trim());
+  const traceback = [...document.querySelectorAll(
+      '.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
+    .map(e => e.textContent).filter(t => t.includes('Traceback'));
+  return {kernel: kernel ? kernel.status : null, prompts, traceback};
+})()"""
+
+_TRAIN_CELL = """[...document.querySelectorAll('.jp-Notebook .jp-CodeCell')]
+  .find(c => (c.querySelector('.jp-InputArea-editor') || {}).textContent.includes('TrainingMonitor('))"""
+
+_TRAIN_IMAGES = f"""(() => {{
+  const cell = {_TRAIN_CELL};
+  if (!cell) return null;
+  return [...cell.querySelectorAll('.jp-OutputArea .jp-RenderedImage img')].map(img => ({{
+    complete: img.complete, width: img.naturalWidth, height: img.naturalHeight,
+    src: img.src.slice(0, 40), srcLength: img.src.length}}));
+}})()"""
+
+_OUTPUT_RECT = f"""(() => {{
+  const cell = {_TRAIN_CELL};
+  cell.scrollIntoView({{block: 'start'}});
+  const r = cell.querySelector('.jp-OutputArea').getBoundingClientRect();
+  return {{x: r.x + window.scrollX, y: r.y + window.scrollY, width: r.width, height: r.height}};
+}})()"""
+
+
+# --- the test ----------------------------------------------------------------------------------------------------
+
+
+def test_notebook_03_runs_in_jupyterlab_and_renders_figures(lab, browser, tmp_path):
+    try:
+        _run_and_check(lab, browser, tmp_path)
+    except BaseException:
+        try:  # what the page looked like when it failed
+            print(f"\nfailure screenshot: {browser.screenshot(tmp_path / 'jupyterlab_03_failure.png')}")
+        except Exception as exc:  # noqa: BLE001 - the original failure matters more
+            print(f"\nno failure screenshot: {exc}")
+        print(f"JupyterLab log: {lab.log}\n{_tail(lab.log, 2000)}")
+        raise
+
+
+def _run_and_check(lab, browser, tmp_path):
+    cells = json.loads((lab.root / NOTEBOOK).read_text())["cells"]
+    n_code = sum(cell["cell_type"] == "code" for cell in cells)
+    started = time.monotonic()
+    browser.send("Page.navigate", url=lab.url(f"lab/tree/{NOTEBOOK}"))
+    state = browser.wait_for(
+        f"(() => {{ const s = {_NOTEBOOK_STATE}; return s && s.ready && s.kernel === 'idle' ? s : null; }})()",
+        timeout_s=90, what="the notebook open with an idle kernel")
+    assert state["cells"] == len(cells), state
+    # Make it the current widget, as a click would: the Run menu's commands act on the current notebook.
+    browser.js(f"window.jupyterapp.shell.activateById({json.dumps(state['id'])})")
+    browser.wait_for(f"{_NOTEBOOK_STATE}.current", timeout_s=10, what="the notebook to become current")
+    browser.js("window.jupyterapp.shell.collapseLeft()")  # more room for the outputs in the screenshot
+
+    # Outputs stored in the notebook must not pass for rendered ones.
+    browser.js("window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')", await_promise=True)
+    assert browser.js(f"{_TRAIN_IMAGES}.length") == 0
+
+    # The Run menu's "Run All Cells": not awaited here, its progress is polled below.
+    browser.js("window.jupyterapp.commands.execute('notebook:run-all-cells'); true")
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while True:
+        progress = browser.js(_PROGRESS)
+        assert not progress["traceback"], "a cell raised:\n" + "\n".join(progress["traceback"])
+        done = progress["prompts"] and all(p[1:-2].isdigit() and p.endswith("]:") for p in progress["prompts"])
+        if done and progress["kernel"] == "idle":
+            break
+        if time.monotonic() > deadline:
+            pytest.fail(f"cells not finished after {RUN_TIMEOUT_S} s: {progress}")
+        time.sleep(1)
+    ran_s = time.monotonic() - started
+    assert len(progress["prompts"]) == n_code, progress
+
+    # The training cell holds exactly two images (each figure is one output, updated in place):
+    # the loss plot and the sample grid, decoded, with the sizes of the PNG copies the run saved.
+    images = browser.wait_for(
+        f"(() => {{ const i = {_TRAIN_IMAGES}; return i && i.length >= 2 && i.every(x => x.complete && x.width > 0)"
+        f" ? i : null; }})()", timeout_s=30, what="decoded images in the training cell's output")
+    assert len(images) == 2, images
+    assert all(i["src"].startswith(("data:image/png", "blob:")) for i in images), images
+    run_dir = lab.root / "outputs" / "notebooks" / "distill"
+    saved = sorted(Image.open(run_dir / name).size for name in ("loss.png", "samples_grid.png"))
+    assert sorted((i["width"], i["height"]) for i in images) == saved, (images, saved)
+
+    stderr = browser.js("[...document.querySelectorAll('.jp-OutputArea-output"
+                        "[data-mime-type=\"application/vnd.jupyter.stderr\"]')].map(e => e.textContent)")
+    assert not [t for t in stderr if "Traceback" in t], stderr
+    summary = browser.js("document.querySelector('.jp-Notebook').textContent")
+    assert "steps trained:" in summary and "loss plot:" in summary
+
+    clip = browser.js(_OUTPUT_RECT)
+    time.sleep(0.5)  # let the scroll paint
+    shot = browser.screenshot(tmp_path / "jupyterlab_03.png")
+    outputs = browser.screenshot(tmp_path / "jupyterlab_03_outputs.png", clip=clip)
+    assert Image.open(shot).size == WINDOW
+    print(f"\nnotebook ran in JupyterLab in {ran_s:.1f} s; images {[(i['width'], i['height']) for i in images]}")
+    print(f"screenshot: {shot}\noutputs:    {outputs}")
