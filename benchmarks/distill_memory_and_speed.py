@@ -21,6 +21,7 @@ import torch
 from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
+from wandistiller.analysis import FULL_SIZE_EXPERTS
 from wandistiller.data import TargetSpec, build_target_cache, read_prompts
 from wandistiller.evaluate import num_params
 from wandistiller.loops import DEFAULT_STUDENT_CONFIG, distill
@@ -28,8 +29,7 @@ from wandistiller.model import WanLiteTransformer2DModel
 from wandistiller.teacher import load_teacher
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "config"
-A14B_EXPERT = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-                   out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40)
+A14B_EXPERT = FULL_SIZE_EXPERTS["a14b"]
 UMT5_XXL = dict(vocab_size=256384, d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_heads=64,
                 feed_forward_proj="gated-gelu")
 

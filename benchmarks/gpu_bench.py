@@ -21,12 +21,12 @@ from pathlib import Path
 import torch
 from diffusers import WanTransformer3DModel
 
+from wandistiller.analysis import FULL_SIZE_EXPERTS
 from wandistiller.model import WanLiteTransformer2DModel
 from wandistiller.loops import distill
 
 ROOT = Path(__file__).resolve().parent.parent
-A14B_EXPERT = dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,
-                   out_channels=16, text_dim=4096, freq_dim=256, ffn_dim=13824, num_layers=40)
+A14B_EXPERT = FULL_SIZE_EXPERTS["a14b"]
 
 
 def timed(fn, warmup=2, iters=5) -> float:

@@ -493,6 +493,10 @@ class ProjectionReport:
     def __str__(self) -> str:
         return self.table()
 
+    def __repr__(self) -> str:
+        # The per-parameter table is long: the plain-text form (e.g. a notebook's text/plain) is the summary.
+        return self.summary()
+
     def _repr_html_(self) -> str:
         cells = lambda row, tag: "".join(f"<{tag}>{html.escape(str(v))}</{tag}>" for v in row)
         header = ("parameter", "kind", "teacher source", "shape", "source shape", "energy", "note")

@@ -43,7 +43,7 @@ def _figure_png(fig: Figure) -> bytes:
     return buffer.getvalue()
 
 
-def _new_figure(figsize: tuple[float, float]) -> Figure:
+def new_figure(figsize: tuple[float, float]) -> Figure:
     """A pyplot-free figure that shows as an image when it is a notebook cell's result."""
     shell = _ipython_shell()
     if shell is not None:
@@ -127,7 +127,7 @@ class LiveLossPlot:
         self.redraw_every = redraw_every
         self.log_y = log_y
         self.title = title
-        self.figure = _new_figure(figsize)
+        self.figure = new_figure(figsize)
         self.records: list[dict[str, float]] = []
         self._seen_keys: dict[str, None] = {}  # insertion-ordered set: legend order = first appearance
         self._pending = 0
@@ -273,7 +273,7 @@ class SampleGrid:
         if captions is not None and len(captions) > ncols:
             raise ValueError(f"{len(captions)} captions for {ncols} columns")
         caption_lines = 3 if captions else 0
-        fig = _new_figure((ncols * self.cell_size, len(rows) * self.cell_size + 0.2 * caption_lines + 0.4))
+        fig = new_figure((ncols * self.cell_size, len(rows) * self.cell_size + 0.2 * caption_lines + 0.4))
         axes = fig.subplots(len(rows), ncols, squeeze=False)
         for axes_row, (label, images) in zip(axes, rows.items()):
             for ax, image in zip(axes_row, images):
@@ -301,11 +301,11 @@ class SampleGrid:
 # --- small analysis plots ---------------------------------------------------------------------------------
 
 
-def _figure_and_axes(ax, figsize: tuple[float, float]):
+def figure_and_axes(ax, figsize: tuple[float, float]):
     """Draw on ``ax`` when given (a notebook's own layout), else on a new figure."""
     if ax is not None:
         return ax.figure, ax
-    fig = _new_figure(figsize)
+    fig = new_figure(figsize)
     return fig, fig.add_subplot()
 
 
@@ -317,7 +317,7 @@ def plot_bars(
 ) -> Figure:
     """Bar chart, e.g. per-block importance scores."""
     heights = [float(v) for v in values]
-    fig, ax = _figure_and_axes(ax, figsize=(max(4.0, 0.3 * len(heights)), 3.0))
+    fig, ax = figure_and_axes(ax, figsize=(max(4.0, 0.3 * len(heights)), 3.0))
     positions = list(range(len(heights)))
     ax.bar(positions, heights)
     if labels is not None:
@@ -334,7 +334,7 @@ def plot_spectrum(
 ) -> Figure:
     """Singular values, largest first, on a log axis; a dashed line marks ``kept_rank`` and its energy share."""
     values = torch.as_tensor(singular_values).detach().float().cpu().sort(descending=True).values
-    fig, ax = _figure_and_axes(ax, figsize=(5.0, 3.0))
+    fig, ax = figure_and_axes(ax, figsize=(5.0, 3.0))
     ax.semilogy(range(1, len(values) + 1), values.tolist(), marker=".")
     if kept_rank is not None:
         energy = float(values[:kept_rank].pow(2).sum() / values.pow(2).sum())
