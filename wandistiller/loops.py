@@ -429,7 +429,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
         embeds = _sample_embeds(targets, prompts, sample_prompts, get_teacher)
         sampler_images = _Sampler(cfg, teacher_source, student, sample_prompts, embeds, height, width,
                                   teacher=get_teacher.teacher)
-    sample_paths, grid_paths, saved = [], [], []
+    sample_paths, grid_paths = [], []
     if get_teacher.teacher is not None and cfg.teacher_targets == "cache":
         get_teacher.teacher = None  # training from the cache needs no teacher: free it
     online = get_teacher.teacher if cfg.teacher_targets == "online" else None
@@ -444,7 +444,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
         for b, batch in enumerate(loader):
             if b < batch_in_epoch or b >= steps_per_epoch * accum:
                 continue
-            parts = _micro_step(model, student, loss_fn, batch, targets, online, rt.device, autocast, step)
+            parts = _micro_step(model, loss_fn, batch, targets, online, rt.device, autocast, step)
             (parts["loss"] / accum).backward()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.detach()
@@ -473,15 +473,13 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
                 _notify(cfg.callbacks, "on_step", step, record)
             if step % cfg.checkpoint_interval == 0 or step == total_steps:
                 if rt.is_main:
-                    saved.append(_save_checkpoint(out, step, student, _training_state(
-                        optimizer, lr_scheduler, ema, loss_fn, step, epoch, batch_in_epoch), cfg.keep_checkpoints))
+                    _save_checkpoint(out, step, student, _training_state(
+                        optimizer, lr_scheduler, ema, loss_fn, step, epoch, batch_in_epoch), cfg.keep_checkpoints)
                 rt.barrier()
             if step >= total_steps:
                 break
-        if step >= total_steps and batch_in_epoch < steps_per_epoch * accum:
-            finished_epoch = False
-        else:
-            finished_epoch = True
+        finished_epoch = batch_in_epoch >= steps_per_epoch * accum  # False only when max_steps ends mid-epoch
+        if finished_epoch:
             epoch, batch_in_epoch = epoch + 1, 0
         if sampler_images is not None and (step >= total_steps or (finished_epoch and epoch % cfg.sample_interval == 0)):
             paths, grid = _write_samples(sampler_images, student, sample_dir, epoch, sample_prompts, cfg.callbacks)
@@ -526,7 +524,7 @@ def _make_loss(cfg: DistillConfig, student, teacher_config: dict, report) -> Dis
                        weighting=cfg.timestep_weighting, adapters=adapters, block_map=block_map)
 
 
-def _micro_step(model, student, loss_fn, batch, targets, teacher, device, autocast, step) -> dict:
+def _micro_step(model, loss_fn, batch, targets, teacher, device, autocast, step) -> dict:
     latents = batch["latents"].to(device)
     timesteps = batch["timesteps"].to(device)
     embeds = targets.prompt_embeds[batch["prompt_index"]].to(device)
