@@ -5,7 +5,7 @@ import pytest
 import torch
 from matplotlib.figure import Figure
 
-from wandistiller import inspect as wi
+from wandistiller import analysis as wi
 from wandistiller.data import read_prompts
 from wandistiller.projection import make_calibration, project
 
