@@ -102,6 +102,8 @@ def _start_lab(tmp_path: Path) -> Lab:
         env[var] = str(tmp_path / sub)
         (tmp_path / sub).mkdir(exist_ok=True)
     env.pop("JUPYTER_TOKEN", None)
+    # The notebook's own default (../outputs/notebooks inside this tmp root), not `make test`'s scratch folder.
+    env.pop("WANDISTILLER_OUTPUT_DIR", None)
 
     port, token = _free_port(), secrets.token_hex(16)
     log = tmp_path / "jupyterlab.log"
