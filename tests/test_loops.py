@@ -131,18 +131,32 @@ def _cli(*args):
     return [sys.executable, "-m", "wandistiller", "distill", *args]
 
 
-@pytest.mark.slow
-def test_two_ranks_match_one_process_and_write_each_checkpoint_once(tmp_path):
+def _cli_inputs(tmp_path) -> list[str]:
+    """Flags for a small CLI run: 8 prompts, the small student, 4-step trajectories, quiet."""
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(read_prompts()[:8]), encoding="utf-8")
     config = tmp_path / "student.json"
     config.write_text(json.dumps(SMALL))
-    args = ["--data_path", str(prompts), "--student_config", str(config), "--batch_size", "8", "--num_epochs", "2",
-            "--lr", "1e-3", "--checkpoint_interval", "4", "--no-progress", "--no-save_samples", "--num_inference_steps", "4"]
+    return ["--data_path", str(prompts), "--student_config", str(config), "--num_inference_steps", "4",
+            "--no-progress", "--no-save_samples"]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_ranks_match_one_process_and_write_each_checkpoint_once(tmp_path):
+    args = [*_cli_inputs(tmp_path), "--batch_size", "8", "--num_epochs", "2", "--lr", "1e-3",
+            "--checkpoint_interval", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     single = subprocess.run(_cli("--output_dir", str(tmp_path / "one"), *args), env=env, capture_output=True, text=True)
     assert single.returncode == 0, single.stderr[-2000:]
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
                 "-m", "wandistiller", "distill", "--distributed", "--output_dir", str(tmp_path / "two"), *args]
     multi = subprocess.run(torchrun, env=env, capture_output=True, text=True)
     assert multi.returncode == 0, multi.stderr[-3000:]
@@ -163,13 +177,8 @@ def test_two_ranks_match_one_process_and_write_each_checkpoint_once(tmp_path):
 
 @pytest.mark.slow
 def test_killed_run_resumes_exactly(tmp_path):
-    prompts = tmp_path / "prompts.txt"
-    prompts.write_text("\n".join(read_prompts()[:8]), encoding="utf-8")
-    config = tmp_path / "student.json"
-    config.write_text(json.dumps(SMALL))
-    args = ["--data_path", str(prompts), "--student_config", str(config), "--batch_size", "4", "--num_epochs", "40",
-            "--lr", "1e-3", "--checkpoint_interval", "10", "--keep_checkpoints", "2", "--no-progress",
-            "--no-save_samples", "--num_inference_steps", "4", "--cache_dir", str(tmp_path / "cache")]
+    args = [*_cli_inputs(tmp_path), "--batch_size", "4", "--num_epochs", "40", "--lr", "1e-3",
+            "--checkpoint_interval", "10", "--keep_checkpoints", "2", "--cache_dir", str(tmp_path / "cache")]
     reference = subprocess.run(_cli("--output_dir", str(tmp_path / "ref"), *args, "--max_steps", "60"),
                                capture_output=True, text=True)
     assert reference.returncode == 0, reference.stderr[-2000:]
