@@ -64,3 +64,19 @@ def test_cli_make_tiny_teacher(tmp_path, capsys):
     assert WanTransformer3DModel.from_pretrained(tmp_path / "t21", subfolder="transformer").config.num_layers == 4
     assert main(["make-tiny-teacher", str(tmp_path / "t21")]) == 2
     assert "not empty" in capsys.readouterr().err
+
+
+def test_ranks_racing_to_build_the_tiny_teacher_all_get_it(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, WANDISTILLER_HOME=str(tmp_path))
+    code = "from wandistiller.toy import tiny_wan_path; print(tiny_wan_path())"
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    results = [p.communicate() + (p.returncode,) for p in procs]
+    assert all(rc == 0 for _, _, rc in results), [err[-500:] for _, err, _ in results]
+    assert len({out for out, _, _ in results}) == 1
+    WanPipeline.from_pretrained(results[0][0].strip())
+    assert [p.name for p in tmp_path.iterdir()] == ["tiny-wan-a14b-seed0"]  # no temporaries left behind

@@ -233,7 +233,7 @@ def teacher_fingerprint(teacher) -> str:
 def _atomic_save(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())

@@ -143,6 +143,13 @@ def _setup_distributed(cfg: DistillConfig) -> _Dist:
                            "e.g. `torchrun --nproc_per_node=N -m wandistiller distill ...` (not `torchrun python ...`)")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if rank != 0:
+        # Rank 0 alone reports: silence the loading bars diffusers and transformers draw on every rank.
+        import diffusers
+        import transformers
+
+        diffusers.utils.logging.disable_progress_bar()
+        transformers.utils.logging.disable_progress_bar()
     if world > 1 and not dist.is_initialized():
         if device.type == "cuda":
             torch.cuda.set_device(device)

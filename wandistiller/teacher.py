@@ -277,7 +277,7 @@ class Teacher:
                 path = self._embed_path(prompt)
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = path.with_name(f".{path.name}.tmp")
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # ranks may write the same prompt
                     save_file({"prompt_embeds": embed}, tmp)
                     os.replace(tmp, path)
 

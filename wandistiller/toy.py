@@ -122,9 +122,12 @@ def make_tiny_wan(path: str | Path, variant: str = "a14b", seed: int = 0, *, ove
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         pipe.save_pretrained(tmp, safe_serialization=True)
-        if path.exists():
+        if overwrite and path.exists():
             shutil.rmtree(path)
-        os.replace(tmp, path)
+        try:
+            os.rename(tmp, path)  # refuses a non-empty target: another process (a torchrun rank) built it first
+        except OSError:
+            raise FileExistsError(f"{path} was created by another process while this one built it") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
