@@ -93,3 +93,14 @@ def test_run_under_torchrun_writes_one_notebook_per_rank_and_one_student(tmp_pat
     # only rank 0 plotted
     assert max(len(o) for o in _image_outputs(tmp_path / "runs" / "03.rank0.ipynb")) == 2
     assert max(len(o) for o in _image_outputs(tmp_path / "runs" / "03.rank1.ipynb")) == 0
+
+
+def test_relative_paths_on_the_command_line_mean_the_callers_folder(tmp_path, monkeypatch):
+    from wandistiller.cli import _absolute_paths
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "prompts.txt").write_text("a cat\n")
+    out = _absolute_paths({"data_path": "prompts.txt", "output_dir": "runs/a", "teacher_path": "tiny",
+                           "student_config": "missing.json", "num_epochs": 3})
+    assert out == {"data_path": str(tmp_path / "prompts.txt"), "output_dir": str(tmp_path / "runs" / "a"),
+                   "teacher_path": "tiny", "student_config": "missing.json", "num_epochs": 3}

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from wandistiller.data import (
-    TargetSpec, build_target_cache, compute_targets, load_target_cache, read_prompts, record_trajectories,
+    TARGET_KEYS, TargetSpec, build_target_cache, compute_targets, load_target_cache, read_prompts, record_trajectories,
 )
 from wandistiller.teacher import load_teacher
 
@@ -106,7 +106,7 @@ def test_cache_is_resumable_split_by_rank_and_refuses_other_settings(lazy_teache
     build_target_cache(lazy_teacher, PROMPTS, cache, spec, rank=0, world_size=1, progress=False)
     assert (cache / "shard_00001.safetensors").stat().st_mtime_ns == shard1, "a finished shard is not redone"
     targets, manifest = load_target_cache(cache)
-    assert len(targets) == 3 * 4 and targets.has_velocities
+    assert len(targets) == 3 * 4 and set(targets.tensors) == set(TARGET_KEYS)
     assert manifest["teacher_fingerprint"] and manifest["prompts"] == PROMPTS
     assert targets.prompt_embeds.shape == (3, 512, 32)
     # a single-process build gives the very same targets

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from wandistiller import viz
-from wandistiller.viz import LiveLossPlot, SampleGrid, image_grid, latents_to_pil, plot_bars, plot_spectrum
+from wandistiller.viz import LiveLossPlot, SampleGrid, image_grid, plot_bars, plot_spectrum
 
 
 def _metrics(step: int) -> dict:
@@ -100,15 +100,6 @@ def test_image_grid_places_images_row_by_row():
     assert image_grid([array], nrow=1).getpixel((0, 0)) == (128, 128, 128)
     with pytest.raises(ValueError, match="equally sized"):
         image_grid([_solid(colors[0]), _solid(colors[1], size=(4, 4))], nrow=2)
-
-
-def test_latents_to_pil_maps_minus_one_to_one_onto_bytes():
-    decoded = torch.tensor([-1.0, 0.0, 1.0, 3.0]).view(1, 1, 1, 4).expand(2, 3, 5, 4)
-    images = latents_to_pil(decoded)
-    assert len(images) == 2 and images[0].size == (4, 5)
-    assert [images[1].getpixel((x, 0)) for x in range(4)] == [(0,) * 3, (128,) * 3, (255,) * 3, (255,) * 3]
-    with_frame_axis = latents_to_pil(decoded.unsqueeze(2))
-    assert with_frame_axis[0].tobytes() == images[0].tobytes()
 
 
 def test_sample_grid_saves_png_with_labels_and_short_captions(tmp_path):

@@ -75,10 +75,6 @@ class TargetSet(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict:
         return {key: value[index] for key, value in self.tensors.items()}
 
-    @property
-    def has_velocities(self) -> bool:
-        return "v_cond" in self.tensors
-
 
 def _prompt_noise(teacher, spec: TargetSpec, prompt_index: int, sample: int = 0) -> torch.Tensor:
     """Noise for one prompt, a function of (seed, prompt, sample) only, so every rank and rerun agrees."""
@@ -140,15 +136,11 @@ def record_trajectories(teacher, embeds, negative, noise, spec: TargetSpec, *, b
 @torch.no_grad()
 def query_targets(teacher, latents, timesteps, embeds, negative, *, batch_size: int = 8, progress=True) -> dict:
     """Teacher velocities at given points (latents (N, C, H, W)), expert by expert (one resident at a time)."""
-    names = [teacher.expert_for_timestep(t) for t in timesteps.tolist()]
     v_cond = torch.empty_like(latents)
     v_uncond = torch.empty_like(latents)
     guidance = torch.empty(len(latents))
     bar = tqdm(total=len(latents), desc="querying teacher", disable=not progress)
-    for name in teacher.expert_names:
-        idx = torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long)
-        if len(idx) == 0:
-            continue
+    for name, idx in teacher.split_by_expert(timesteps):
         with teacher.only_expert(name):
             for part in idx.split(batch_size):
                 vc, vu = _guided(teacher, name, latents[part][:, :, None], timesteps[part], embeds[part], negative[part])
@@ -278,7 +270,7 @@ def build_target_cache(teacher, prompts: list[str], cache_dir: str | Path, spec:
     if barrier is not None:
         barrier()
     if rank == 0:
-        counts = [len(_load_shard(cache_dir / _shard_name(k))["timesteps"]) for k in range(len(shards))]
+        counts = [_shard_length(cache_dir / _shard_name(k)) for k in range(len(shards))]
         manifest = dict(header, prompts=prompts, shards=[{"file": _shard_name(k), "count": c} for k, c in enumerate(counts)])
         tmp = manifest_path.with_name(".manifest.json.tmp")
         tmp.write_text(json.dumps(manifest, indent=1))
@@ -292,10 +284,12 @@ def _shard_name(k: int) -> str:
     return f"shard_{k:05d}.safetensors"
 
 
-def _load_shard(path: Path) -> dict:
-    from safetensors.torch import load_file
+def _shard_length(path: Path) -> int:
+    """Number of targets in a shard, read from its safetensors header (the tensors stay on disk)."""
+    from safetensors import safe_open
 
-    return load_file(path)
+    with safe_open(path, framework="pt") as f:
+        return f.get_slice("timesteps").get_shape()[0]
 
 
 def load_target_cache(cache_dir: str | Path) -> tuple[TargetSet, dict]:

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
+from .analysis import Table
 from .teacher import MAX_SEQUENCE_LENGTH
 
 
@@ -73,28 +73,8 @@ def teacher_and_student_images(teacher, student_pipe, prompts: list[str], *, hei
     return {"teacher": [clip[0] for clip in teacher_images], "student": student_images}
 
 
-@dataclass
-class SpeedSizeTable:
-    rows: list[dict]
-
-    def __str__(self) -> str:
-        head = f"{'model':<10}{'params':>12}{'fwd FLOPs':>14}{'fwd/image':>11}{'FLOPs/image':>14}{'images/s':>10}"
-        lines = [head]
-        for r in self.rows:
-            lines.append(f"{r['model']:<10}{r['params']:>12,}{r['forward_flops']:>14.3g}{r['forwards_per_image']:>11}"
-                         f"{r['flops_per_image']:>14.3g}{r['images_per_s']:>10.2f}")
-        t, s = self.rows
-        lines.append(f"{'ratio':<10}{t['params'] / s['params']:>11.1f}x{t['forward_flops'] / s['forward_flops']:>13.1f}x"
-                     f"{'':>11}{t['flops_per_image'] / s['flops_per_image']:>13.1f}x"
-                     f"{s['images_per_s'] / t['images_per_s']:>9.2f}x")
-        return "\n".join(lines)
-
-    def to_dict(self) -> dict:
-        return {r["model"]: dict(r) for r in self.rows}
-
-
 def compare_speed_and_size(teacher, student_pipe, *, height: int, width: int, num_inference_steps: int,
-                           repeats: int = 3) -> SpeedSizeTable:
+                           repeats: int = 3) -> Table:
     """Parameters, forward FLOPs, forwards and FLOPs per image, and measured images/s (teacher vs student).
 
     The teacher's parameters are one expert's (one is active per step); its images use CFG (two forwards per
@@ -104,26 +84,28 @@ def compare_speed_and_size(teacher, student_pipe, *, height: int, width: int, nu
     noise = _noise(teacher, 1, height, width, seed=0)
     latent_hw = tuple(noise.shape[-2:])
     embeds, negative = teacher.encode_prompts(["a red fox sitting in fresh snow"], negative="")
-    expert = teacher.load_expert("transformer")
+    expert = teacher.experts["transformer"]  # WanPipeline switches experts mid-sampling: all must be resident
     student = student_pipe.transformer
-    teacher_pipe, student_pipe_quiet = teacher.pipe, student_pipe
-    teacher_pipe.set_progress_bar_config(disable=True)
-    student_pipe_quiet.set_progress_bar_config(disable=True)
+    teacher.pipe.set_progress_bar_config(disable=True)
+    student_pipe.set_progress_bar_config(disable=True)
 
     def teacher_sample():
-        teacher_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, height=height, width=width,
+        teacher.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, height=height, width=width,
                      num_frames=1, num_inference_steps=num_inference_steps, guidance_scale=teacher.guidance_scale,
                      guidance_scale_2=teacher.guidance_scale_2, output_type="latent")
 
     def student_sample():
-        student_pipe_quiet(prompt_embeds=embeds, latents=noise[:, :, 0], num_inference_steps=num_inference_steps,
-                           output_type="latent")
+        student_pipe(prompt_embeds=embeds, latents=noise[:, :, 0], num_inference_steps=num_inference_steps,
+                     output_type="latent")
 
     rows = []
     for name, model, forwards, sample in (("teacher", expert, 2 * num_inference_steps, teacher_sample),
                                           ("student", student, num_inference_steps, student_sample)):
         flops = forward_flops(model, latent_hw, device=next(model.parameters()).device)
-        rows.append({"model": name, "params": num_params(model), "forward_flops": flops,
-                     "forwards_per_image": forwards, "flops_per_image": flops * forwards,
-                     "images_per_s": images_per_second(sample, 1, repeats)})
-    return SpeedSizeTable(rows)
+        rows.append((name, num_params(model), flops, forwards, flops * forwards,
+                     images_per_second(sample, 1, repeats)))
+    (_, tp, tf, _, ti, ts), (_, sp, sf, _, si, ss) = rows
+    rows.append(("student gain", f"{tp / sp:.1f}x", f"{tf / sf:.1f}x", "", f"{ti / si:.1f}x", f"{ss / ts:.2f}x"))
+    return Table(("model", "params", "forward FLOPs", "forwards/image", "FLOPs/image", "images/s"), rows,
+                 f"{height}x{width}, {num_inference_steps} steps; teacher = one expert, with CFG; "
+                 "student gain = teacher/student for size and FLOPs, student/teacher for images/s")

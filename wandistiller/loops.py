@@ -554,12 +554,10 @@ def _micro_step(model, loss_fn, batch, targets, teacher, device, autocast, step)
 @torch.no_grad()
 def _query_online(teacher, latents, timesteps, embeds, negative, need_features: bool):
     """Teacher velocities (and block outputs, for feature KD) for a batch, each sample on its own expert."""
-    names = [teacher.expert_for_timestep(t) for t in timesteps.tolist()]
     v_cond, v_uncond = torch.empty_like(latents), torch.empty_like(latents)
     guidance = torch.empty(len(latents))
     feats = None
-    for name in dict.fromkeys(names):
-        idx = torch.tensor([i for i, n in enumerate(names) if n == name])
+    for name, idx in teacher.split_by_expert(timesteps):
         expert = teacher.load_expert(name)
         captured, handles = [], []
         if need_features:

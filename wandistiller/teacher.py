@@ -176,6 +176,13 @@ class Teacher:
         boundary = self.boundary_timestep
         return "transformer" if boundary is None or float(t) >= boundary else "transformer_2"
 
+    def split_by_expert(self, timesteps) -> list[tuple[str, torch.Tensor]]:
+        """(expert name, indices of the samples it handles) for a batch of timesteps, in `expert_names` order."""
+        names = [self.expert_for_timestep(t) for t in torch.as_tensor(timesteps).flatten().tolist()]
+        groups = [(name, torch.tensor([i for i, n in enumerate(names) if n == name], dtype=torch.long))
+                  for name in self.expert_names]
+        return [(name, idx) for name, idx in groups if len(idx)]
+
     def expert_for_role(self, role: str) -> str:
         if role not in EXPERT_ROLES:
             raise ValueError(f"unknown expert role {role!r}: use high_noise or low_noise")
@@ -308,10 +315,8 @@ class Teacher:
         or the chosen expert's own guidance scale; without, the conditional velocity.
         """
         timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten().expand(latents.shape[0])
-        names = [self.expert_for_timestep(t) for t in timestep.tolist()]
         out = torch.empty(latents.shape, dtype=torch.float32, device=latents.device)
-        for name in dict.fromkeys(names):
-            idx = torch.tensor([i for i, n in enumerate(names) if n == name])
+        for name, idx in self.split_by_expert(timestep):
             v = self.expert_velocity(name, latents[idx], timestep[idx], prompt_embeds[idx])
             if negative_prompt_embeds is not None:
                 g = self.guidance_for_expert(name) if guidance is None else guidance
@@ -321,17 +326,6 @@ class Teacher:
         return out
 
     # --- images ------------------------------------------------------------------------------------------
-    @torch.no_grad()
-    def decode(self, latents) -> list:
-        """Decode single-frame latents (B, C, 1, H, W) to PIL images with the teacher's VAE."""
-        vae = self.pipe.vae
-        mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-        std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-        latents = latents.float() * std + mean
-        video = vae.decode(latents.to(vae.device, vae.dtype), return_dict=False)[0]
-        frames = self.pipe.video_processor.postprocess_video(video, output_type="pil")
-        return [clip[0] for clip in frames]
-
     @torch.no_grad()
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         """Encode images (B, 3, H, W) in [-1, 1] to normalised single-frame latents (B, C, 1, h, w)."""

@@ -234,16 +234,6 @@ def image_grid(images: Sequence[ImageLike], nrow: int) -> Image.Image:
     return grid
 
 
-def latents_to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """PIL images from VAE-decoded pixels in [-1, 1], shaped (B, 3, H, W) or Wan's (B, 3, 1, H, W)."""
-    if images.ndim == 5:
-        if images.shape[2] != 1:
-            raise ValueError(f"expected one frame, got {images.shape[2]} in shape {tuple(images.shape)}")
-        images = images[:, :, 0]
-    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return [Image.fromarray(p.permute(1, 2, 0).cpu().numpy()) for p in pixels]
-
-
 def _caption(text: str, max_chars: int, line_chars: int) -> str:
     return textwrap.fill(textwrap.shorten(text, max_chars, placeholder="…"), line_chars)
 

@@ -1,0 +1,43 @@
+import pytest
+
+from wandistiller.evaluate import compare_speed_and_size, find_student, forward_flops, num_params
+from wandistiller.model import WanLiteTransformer2DModel
+from wandistiller.pipeline import WanLitePipeline
+
+SMALL = {"hidden_size": 16, "depth": 2, "num_heads": 1}
+
+
+def test_find_student_prefers_ema_and_says_what_to_run(tmp_path):
+    with pytest.raises(FileNotFoundError, match="run 03_distill.ipynb first"):
+        find_student(tmp_path)
+    for name in ("student", "student_ema"):
+        (tmp_path / "distill" / name).mkdir(parents=True)
+        (tmp_path / "distill" / name / "config.json").write_text("{}")
+    assert find_student(tmp_path).name == "student_ema"
+    assert find_student(tmp_path, tmp_path / "distill" / "student").name == "student"
+
+
+def test_forward_flops_of_an_exact_student_equal_the_teachers(tiny_teacher):
+    from wandistiller.projection import project
+
+    config = tiny_teacher.transformer_config()
+    full = {"hidden_size": config["num_attention_heads"] * config["attention_head_dim"],
+            "depth": config["num_layers"], "num_heads": config["num_attention_heads"], "ffn_dim": config["ffn_dim"]}
+    student, _ = project(tiny_teacher, full, width="truncate", expert="high_noise")
+    teacher_flops = forward_flops(tiny_teacher.experts["transformer"], (8, 8))  # given one frame
+    assert forward_flops(student, (8, 8)) == teacher_flops
+    assert forward_flops(student, (16, 16)) > teacher_flops
+
+
+def test_speed_and_size_table(tiny_teacher):
+    student = WanLiteTransformer2DModel.from_student_config(SMALL, tiny_teacher.transformer_config(), seed=0)
+    table = compare_speed_and_size(tiny_teacher, WanLitePipeline.from_teacher(tiny_teacher, student),
+                                   height=64, width=64, num_inference_steps=2, repeats=1)
+    teacher_row, student_row, gain = table.to_records()
+    assert teacher_row["params"] == num_params(tiny_teacher.experts["transformer"])
+    assert student_row["params"] == num_params(student)
+    assert (teacher_row["forwards/image"], student_row["forwards/image"]) == (4, 2)  # CFG: two per step
+    assert teacher_row["FLOPs/image"] == 4 * teacher_row["forward FLOPs"]
+    assert gain["FLOPs/image"] == f"{teacher_row['FLOPs/image'] / student_row['FLOPs/image']:.1f}x"
+    assert all(row["images/s"] > 0 for row in (teacher_row, student_row))
+    print(table)
