@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= outputs/demo
 
-.PHONY: install demo test test-fast clean
+.PHONY: install demo test test-fast toy-world clean
 
 $(BIN)/wandistiller: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,11 @@ install: $(BIN)/wandistiller
 
 demo: install
 	$(BIN)/wandistiller demo --output-dir $(OUT)
+
+# Retrain the committed toy-world teacher (data/toy_world) from scratch; resumable (outputs/toy_world.work).
+toy-world: install
+	$(BIN)/wandistiller make-toy-world outputs/toy_world --work-dir outputs/toy_world.work
+	@echo "review outputs/toy_world.work/log.jsonl, then replace data/toy_world with outputs/toy_world"
 
 # The notebooks write into a scratch folder of the test run's own, never into outputs/notebooks.
 NB_SCRATCH := outputs/test-notebooks

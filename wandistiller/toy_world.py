@@ -1,0 +1,461 @@
+"""Train the toy-world teacher: a real two-expert Wan 2.2 pipeline that draws the shapes world.
+
+Stages, each resumable from `work_dir` (a killed run picks up at its last checkpoint):
+
+1. `vae`: a small `AutoencoderKLWan` on clips and single frames; `latents_mean/std` measured on the data;
+2. `latents`: the training set encoded once (posterior mean, normalised as `WanPipeline` decodes it);
+3. `shared`: one transformer and the UMT5 text encoder trained together with flow matching (a random frozen
+   encoder cannot tell "red shape" from "red background"), caption dropout for classifier-free guidance;
+4. `high_noise` / `low_noise`: the shared model fine-tuned on each side of the expert boundary, as Wan 2.2's
+   two experts are;
+5. the pipeline folder (`WanPipeline.from_pretrained` loads it), written atomically.
+
+Cross-attention during training sees the true text tokens plus *one* zero row whose logit carries
+log(number of padding rows). `WanPipeline` zero-pads the text to 512 tokens and every padding row gives the
+same key and value, so this is the same attention, ~30x fewer text rows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import shapes
+from .data import _atomic_save
+
+TEXT_LENGTH = 512  # WanPipeline's max_sequence_length: the text the experts see at sampling time
+BOUNDARY_RATIO = 0.875
+
+
+@dataclasses.dataclass
+class ToyWorldRecipe:
+    """Sizes and schedule of the toy world (defaults: ~100 min on 2 CPU cores)."""
+
+    seed: int = 0
+    # VAE
+    vae_steps: int = 1200
+    vae_images: int = 10
+    vae_clips: int = 2
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-4
+    # cached training latents
+    num_images: int = 24576
+    num_clips: int = 3072
+    # transformer + text encoder
+    shared_steps: int = 14000
+    expert_steps: int = 1500
+    batch_images: int = 64
+    batch_clips: int = 32
+    clip_every: int = 4
+    lr: float = 6e-4
+    expert_lr: float = 2e-4
+    warmup_steps: int = 300
+    weight_decay: float = 0.01
+    ema_decay: float = 0.999
+    caption_dropout: float = 0.1
+    flow_shift: float = 3.0
+    checkpoint_every: int = 250
+    eval_every: int = 2000  # alignment of the EMA model on the held-out prompts, logged
+    # architecture
+    heads: int = 4
+    head_dim: int = 32
+    layers: int = 6
+    ffn_dim: int = 512
+    text_dim: int = 64
+
+
+# ---------------------------------------------------------------------------------------------- components
+
+
+def build_tokenizer():
+    """A word-level T5 tokenizer over the caption words (`<pad>`=0, `</s>`=1, `<unk>`=2)."""
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("▁", -10.0)]
+    vocab += [(f"▁{word}", -1.0) for word in shapes.VOCABULARY]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=TEXT_LENGTH)
+
+
+def build_text_encoder(vocab_size: int, recipe: ToyWorldRecipe):
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    return UMT5EncoderModel(UMT5Config(
+        vocab_size=vocab_size, d_model=recipe.text_dim, d_kv=16, d_ff=2 * recipe.text_dim, num_layers=2,
+        num_heads=4, relative_attention_num_buckets=8, relative_attention_max_distance=32,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, pad_token_id=0, eos_token_id=1, decoder_start_token_id=0,
+    ))
+
+
+def build_vae():
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(
+        base_dim=8, decoder_base_dim=12, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
+        temperal_downsample=[False, True, True], latents_mean=[0.0] * 16, latents_std=[1.0] * 16,
+    )
+
+
+def build_transformer(recipe: ToyWorldRecipe):
+    from diffusers import WanTransformer3DModel
+
+    return WanTransformer3DModel(
+        patch_size=(1, 2, 2), num_attention_heads=recipe.heads, attention_head_dim=recipe.head_dim, in_channels=16,
+        out_channels=16, text_dim=recipe.text_dim, freq_dim=256, ffn_dim=recipe.ffn_dim, num_layers=recipe.layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
+    )
+
+
+def build_scheduler(recipe: ToyWorldRecipe):
+    from diffusers import UniPCMultistepScheduler
+
+    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
+                                   num_train_timesteps=1000, flow_shift=recipe.flow_shift)
+
+
+# ------------------------------------------------------------------------------------------ checkpoint files
+
+
+def _save_state(path: Path, modules: dict, optimizer=None, step: int = 0) -> None:
+    """Weights as safetensors, optimiser state beside them (loaded back with weights_only=True)."""
+    tensors = {f"{name}.{key}": value.detach().clone() for name, module in modules.items()
+               for key, value in module.state_dict().items()}
+    tensors["step"] = torch.tensor(step)
+    if optimizer is not None:
+        tmp = path.with_suffix(f".optim.{os.getpid()}.tmp")
+        torch.save(optimizer.state_dict(), tmp)
+        os.replace(tmp, path.with_suffix(".optim.pt"))
+    _atomic_save(tensors, path)  # written last: its presence says the whole state is on disk
+
+
+def _load_state(path: Path, modules: dict, optimizer=None) -> int:
+    from safetensors.torch import load_file
+
+    tensors = load_file(path)
+    for name, module in modules.items():
+        prefix = f"{name}."
+        module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    if optimizer is not None:
+        optimizer.load_state_dict(torch.load(path.with_suffix(".optim.pt"), weights_only=True))
+    return int(tensors["step"])
+
+
+def _log(work: Path, record: dict) -> None:
+    with open(work / "log.jsonl", "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+def _seed(*parts) -> int:
+    """A seed that is the same in every process (Python's str hash is salted per process)."""
+    return zlib.crc32(repr(parts).encode())
+
+
+def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+# -------------------------------------------------------------------------------------------------- 1. VAE
+
+
+def train_vae(work: Path, recipe: ToyWorldRecipe, progress: bool = True):
+    """Reconstruction + small KL on fresh renders every step (frames and 5-frame clips)."""
+    done = work / "vae.safetensors"
+    vae = build_vae()
+    if done.exists():
+        _load_state(done, {"vae": vae})
+        return vae.eval()
+    state = work / "vae_state.safetensors"
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    start = _load_state(state, {"vae": vae}, optimizer) if state.exists() else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, recipe.vae_steps, 50, 0.02),
+                                              last_epoch=start - 1)
+    vae.train()
+    bar = tqdm(range(start, recipe.vae_steps), desc="toy world: VAE", disable=not progress, initial=start,
+               total=recipe.vae_steps)
+    for step in bar:
+        rng = random.Random(f"vae-{recipe.seed}-{step}")
+        generator = torch.Generator().manual_seed(_seed(recipe.seed, "vae", step))
+        loss = 0.0
+        for count, frames in ((recipe.vae_images, 1), (recipe.vae_clips, shapes.NUM_FRAMES)):
+            x, _ = shapes.sample_batch(rng, count, frames)
+            posterior = vae.encode(x).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+            recon = vae.decode(z).sample
+            loss = loss + F.mse_loss(recon, x) + recipe.kl_weight * posterior.kl().mean() / z[0].numel()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 25 == 0:
+            _log(work, {"stage": "vae", "step": step, "loss": loss.item()})
+        if (step + 1) % recipe.checkpoint_every == 0:
+            _save_state(state, {"vae": vae}, optimizer, step + 1)
+    _save_state(done, {"vae": vae.eval()})
+    return vae
+
+
+# ---------------------------------------------------------------------------------------------- 2. latents
+
+
+@torch.no_grad()
+def encode_dataset(work: Path, vae, tokenizer, recipe: ToyWorldRecipe, progress: bool = True) -> dict:
+    """Encode the training set once; set the VAE's latents_mean/std from it (stored in the VAE's config)."""
+    path = work / "latents.safetensors"
+    if not path.exists():
+        tensors = {}
+        for name, count, frames in (("images", recipe.num_images, 1), ("clips", recipe.num_clips, shapes.NUM_FRAMES)):
+            rng = random.Random(f"latents-{recipe.seed}-{name}")
+            mus, captions = [], []
+            for _ in tqdm(range(0, count, 64), desc=f"toy world: encode {name}", disable=not progress):
+                x, caps = shapes.sample_batch(rng, 64, frames)
+                mus.append(vae.encode(x).latent_dist.mean)
+                captions += caps
+            tensors[name] = torch.cat(mus)[:count]
+            ids = tokenizer(captions[:count], padding="max_length", max_length=16, truncation=True,
+                            return_tensors="pt").input_ids
+            tensors[f"{name}_ids"] = ids
+        # Per-channel statistics over every latent pixel of images and clips alike.
+        flat = torch.cat([tensors["images"].transpose(0, 1).flatten(1), tensors["clips"].transpose(0, 1).flatten(1)], 1)
+        tensors["mean"], tensors["std"] = flat.mean(1), flat.std(1)
+        _atomic_save(tensors, path)
+    from safetensors.torch import load_file
+
+    data = load_file(path)
+    vae.register_to_config(latents_mean=data["mean"].tolist(), latents_std=data["std"].tolist())
+    shape = (1, -1, 1, 1, 1)
+    for name in ("images", "clips"):  # normalised as WanPipeline decodes: z = latents * std + mean
+        data[name] = (data[name] - data["mean"].view(shape)) / data["std"].view(shape)
+    return data
+
+
+# ---------------------------------------------------------------------------------- 3./4. text + transformer
+
+
+class PaddedTextAttnProcessor:
+    """Wan cross-attention over the true text tokens plus one zero row standing for all padding rows.
+
+    `bias` (B, 1, 1, L) is added to the attention logits: 0 on true tokens, -inf on in-batch padding, and
+    log(number of padding rows) on the last (zero) row, which makes the softmax identical to attending over
+    the 512-row zero-padded text that WanPipeline gives the experts.
+    """
+
+    def __init__(self):
+        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+        self.inner = WanAttnProcessor()
+        self.bias = None
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
+        return self.inner(attn, hidden_states, encoder_hidden_states, self.bias, rotary_emb)
+
+
+def install_padded_text_attention(transformer) -> PaddedTextAttnProcessor:
+    processor = PaddedTextAttnProcessor()
+    for block in transformer.blocks:
+        block.attn2.set_processor(processor)
+    return processor
+
+
+def encode_text(text_encoder, ids: torch.Tensor, processor: PaddedTextAttnProcessor | None) -> torch.Tensor:
+    """Text states as WanPipeline builds them (cut at the true length, zeros after), plus the bias."""
+    mask = ids.ne(0)
+    states = text_encoder(ids, mask.long()).last_hidden_state * mask[..., None]
+    states = torch.cat([states, states.new_zeros(states.shape[0], 1, states.shape[2])], dim=1)
+    if processor is not None:
+        lengths = mask.sum(1)
+        bias = torch.zeros(ids.shape[0], ids.shape[1] + 1)
+        bias[:, :-1].masked_fill_(~mask, float("-inf"))
+        bias[:, -1] = torch.log((TEXT_LENGTH - lengths).float())
+        processor.bias = bias[:, None, None, :]
+    return states
+
+
+def flow_batch(latents: torch.Tensor, sigma_range: tuple[float, float], shift: float, generator) -> tuple:
+    """Noisy latents, timesteps and velocity targets (Wan: x_t = (1-s) x0 + s n, v = n - x0, t = 1000 s)."""
+    u = torch.rand(latents.shape[0], generator=generator)
+    sigma = shift * u / (1 + (shift - 1) * u)
+    sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * sigma
+    noise = torch.randn(latents.shape, generator=generator)
+    s = sigma.view(-1, 1, 1, 1, 1)
+    return (1 - s) * latents + s * noise, sigma * 1000, noise - latents
+
+
+def _sigma_range(stage: str) -> tuple[float, float]:
+    """Expert ranges in sigma: the high-noise expert serves t >= 875, the low-noise one t < 875."""
+    return {"shared": (0.0, 1.0), "high_noise": (BOUNDARY_RATIO, 1.0), "low_noise": (0.0, BOUNDARY_RATIO)}[stage]
+
+
+def _training_batch(data: dict, step: int, recipe: ToyWorldRecipe, generator) -> tuple[torch.Tensor, torch.Tensor]:
+    name, size = ("clips", recipe.batch_clips) if step % recipe.clip_every == recipe.clip_every - 1 \
+        else ("images", recipe.batch_images)
+    index = torch.randint(0, data[name].shape[0], (size,), generator=generator)
+    ids = data[f"{name}_ids"][index].clone()
+    dropped = torch.rand(size, generator=generator) < recipe.caption_dropout
+    ids[dropped] = 0
+    ids[dropped, 0] = 1  # the empty prompt: just </s>, as WanPipeline encodes negative_prompt=""
+    return data[name][index], ids
+
+
+def train_transformer(work: Path, stage: str, data: dict, recipe: ToyWorldRecipe, init: dict | None,
+                      vocab_size: int, progress: bool = True, evaluate=None) -> dict:
+    """One training stage; returns the EMA weights {'transformer': state_dict, 'text_encoder': state_dict}."""
+    done = work / f"{stage}.safetensors"
+    transformer, text_encoder = build_transformer(recipe), build_text_encoder(vocab_size, recipe)
+    ema_t, ema_e = build_transformer(recipe), build_text_encoder(vocab_size, recipe)
+    modules = {"transformer": ema_t, "text_encoder": ema_e}
+    if done.exists():
+        _load_state(done, modules)
+        return {k: m.state_dict() for k, m in modules.items()}
+    if init is not None:
+        for module in (transformer, ema_t):
+            module.load_state_dict(init["transformer"])
+        for module in (text_encoder, ema_e):
+            module.load_state_dict(init["text_encoder"])
+    else:
+        ema_t.load_state_dict(transformer.state_dict())
+        ema_e.load_state_dict(text_encoder.state_dict())
+    train_text = stage == "shared"  # the experts share the text encoder, so it is frozen once they split
+    text_encoder.requires_grad_(train_text)
+    params = list(transformer.parameters()) + (list(text_encoder.parameters()) if train_text else [])
+    steps, lr = (recipe.shared_steps, recipe.lr) if stage == "shared" else (recipe.expert_steps, recipe.expert_lr)
+    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=recipe.weight_decay)
+    state = work / f"{stage}_state.safetensors"
+    all_modules = {"transformer": transformer, "text_encoder": text_encoder, "ema_transformer": ema_t,
+                   "ema_text_encoder": ema_e}
+    start = _load_state(state, all_modules, optimizer) if state.exists() else 0
+    warmup = recipe.warmup_steps if stage == "shared" else 50
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, steps, warmup), last_epoch=start - 1)
+    processor = install_padded_text_attention(transformer)
+    ema_params = list(ema_t.parameters()) + list(ema_e.parameters())
+    live_params = list(transformer.parameters()) + list(text_encoder.parameters())
+    transformer.train()
+    text_encoder.train(train_text)
+    bar = tqdm(range(start, steps), desc=f"toy world: {stage}", disable=not progress, initial=start, total=steps)
+    smooth = None
+    for step in bar:
+        generator = torch.Generator().manual_seed(_seed(recipe.seed, stage, step))
+        latents, ids = _training_batch(data, step, recipe, generator)
+        x_t, timesteps, target = flow_batch(latents, _sigma_range(stage), recipe.flow_shift, generator)
+        with torch.set_grad_enabled(train_text):
+            text = encode_text(text_encoder, ids, processor)
+        pred = transformer(x_t, timestep=timesteps, encoder_hidden_states=text, return_dict=False)[0]
+        loss = F.mse_loss(pred, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        sched.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, live_params, 1 - recipe.ema_decay)
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{smooth:.4f}")
+        if step % 25 == 0:
+            _log(work, {"stage": stage, "step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
+        if (step + 1) % recipe.checkpoint_every == 0:
+            _save_state(state, all_modules, optimizer, step + 1)
+        if evaluate is not None and (step + 1) % recipe.eval_every == 0:
+            _log(work, {"stage": stage, "step": step + 1, **evaluate(ema_t, ema_e).as_row()})
+    _save_state(done, modules)
+    return {k: m.state_dict() for k, m in modules.items()}
+
+
+# ------------------------------------------------------------------------------------------ 5. the pipeline
+
+
+def assemble_pipeline(vae, tokenizer, experts: dict[str, dict], recipe: ToyWorldRecipe):
+    """A WanPipeline (Wan 2.2 A14B layout: high-noise `transformer`, low-noise `transformer_2`)."""
+    from diffusers import WanPipeline
+
+    high, low = build_transformer(recipe).eval(), build_transformer(recipe).eval()
+    high.load_state_dict(experts["high_noise"]["transformer"])
+    low.load_state_dict(experts["low_noise"]["transformer"])
+    text_encoder = build_text_encoder(len(tokenizer), recipe).eval()
+    text_encoder.load_state_dict(experts["high_noise"]["text_encoder"])
+    return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(),
+                       scheduler=build_scheduler(recipe), transformer=high, transformer_2=low,
+                       boundary_ratio=BOUNDARY_RATIO)
+
+
+def save_pipeline_atomically(pipe, path: Path, overwrite: bool) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        pipe.save_pretrained(tmp, safe_serialization=True)
+        if overwrite and path.exists():
+            shutil.rmtree(path)
+        os.rename(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def make_toy_world(path: str | Path, recipe: ToyWorldRecipe | None = None, *, work_dir: str | Path | None = None,
+                   overwrite: bool = False, progress: bool = True, threads: int | None = None) -> Path:
+    """Train the toy-world teacher and write it as a Wan pipeline folder at `path`.
+
+    Resumable: intermediate weights live in `work_dir` (default `<path>.work`); run the same command again
+    after an interruption and it continues from the last checkpoint of the stage it was in.
+    """
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"{path} already exists and is not empty: choose a new path or pass overwrite=True")
+    recipe = recipe or ToyWorldRecipe()
+    work = Path(work_dir) if work_dir else path.with_name(path.name + ".work")
+    work.mkdir(parents=True, exist_ok=True)
+    recipe_file = work / "recipe.json"
+    if recipe_file.exists() and json.loads(recipe_file.read_text()) != dataclasses.asdict(recipe):
+        raise ValueError(f"{work} holds a run with another recipe: pass the same recipe or a new work_dir")
+    recipe_file.write_text(json.dumps(dataclasses.asdict(recipe), indent=1))
+    if threads:
+        torch.set_num_threads(threads)
+    torch.manual_seed(recipe.seed)
+    tokenizer = build_tokenizer()
+    started = time.time()
+    vae = train_vae(work, recipe, progress)
+    data = encode_dataset(work, vae, tokenizer, recipe, progress)
+    torch.manual_seed(recipe.seed + 1)
+
+    def evaluate(transformer, text_encoder):  # one model as both experts: progress, not the final score
+        weights = {"transformer": transformer.state_dict(), "text_encoder": text_encoder.state_dict()}
+        pipe = assemble_pipeline(vae, tokenizer, {"high_noise": weights, "low_noise": weights}, recipe)
+        return teacher_alignment(pipe, progress=False)
+
+    shared = train_transformer(work, "shared", data, recipe, None, len(tokenizer), progress, evaluate)
+    experts = {stage: train_transformer(work, stage, data, recipe, shared, len(tokenizer), progress)
+               for stage in ("high_noise", "low_noise")}
+    pipe = assemble_pipeline(vae, tokenizer, experts, recipe)
+    _log(work, {"stage": "final", **teacher_alignment(pipe, progress=False).as_row()})
+    _log(work, {"stage": "done", "seconds": time.time() - started})
+    return save_pipeline_atomically(pipe, path, overwrite)
+
+
+@torch.no_grad()
+def teacher_alignment(pipe, prompts: list[str] | None = None, *, num_inference_steps: int = 30,
+                      guidance_scale: float = 5.0, seed: int = 0, progress: bool = True):
+    """All-correct and per-attribute rates of a Wan pipeline's single frames on the held-out prompts."""
+    from .alignment import alignment
+
+    prompts = prompts or shapes.held_out_prompts()
+    generator = torch.Generator().manual_seed(seed)
+    pipe.set_progress_bar_config(disable=not progress)
+    frames = pipe(prompt=prompts, height=shapes.IMAGE_SIZE, width=shapes.IMAGE_SIZE, num_frames=1,
+                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
+                  output_type="pt").frames  # (B, T, 3, H, W) in [0, 1]
+    return alignment([f[0] * 2 - 1 for f in frames], prompts)
