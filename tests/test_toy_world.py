@@ -5,7 +5,7 @@ import random
 import pytest
 import torch
 
-from wandistiller import shapes
+from wandistiller import shapes, text_padding
 from wandistiller import toy_world as tw
 from wandistiller.alignment import alignment, describe_image, score_image
 
@@ -107,7 +107,7 @@ def test_padded_text_attention_equals_the_pipelines_512_token_text():
         full = tokenizer(captions, padding="max_length", max_length=512, return_tensors="pt")
         padded = text_encoder(full.input_ids, full.attention_mask).last_hidden_state * full.attention_mask[..., None]
         reference = transformer(x, timestep=t, encoder_hidden_states=padded).sample
-        processor = tw.install_padded_text_attention(transformer)
+        processor = text_padding.install(transformer.blocks)
         short = tokenizer(captions, padding="max_length", max_length=16, return_tensors="pt").input_ids
         out = transformer(x, timestep=t, encoder_hidden_states=tw.encode_text(text_encoder, short, processor)).sample
         processor.bias = None  # the same short text without the padding weight is a different attention
@@ -127,7 +127,7 @@ def test_flow_batch_follows_wan_conventions():
     torch.testing.assert_close(x_t, (1 - sigma.view(-1, 1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1, 1) * noise)
 
 
-TINY = dict(vae_steps=3, num_images=64, num_clips=64, shared_steps=4, expert_steps=2, checkpoint_every=3,
+TINY = dict(vae_steps=3, num_images=64, num_clips=64, shared_steps=4, expert_steps=2, decoder_steps=2, checkpoint_every=3,
             eval_every=10**6, layers=2, batch_images=8, batch_clips=4, vae_images=2, vae_clips=1)
 
 
@@ -144,6 +144,10 @@ def test_make_toy_world_writes_a_wan_pipeline_and_resumes_bit_for_bit(tmp_path):
     vae = teacher.pipe.vae.config
     assert vae.latents_std != [1.0] * 16 and len(vae.latents_mean) == 16
     work = tmp_path / "world.work"
+    trained_vae, tuned_vae = load_file(work / "vae.safetensors"), load_file(work / "decoder.safetensors")
+    assert all(torch.equal(trained_vae[k], tuned_vae[k]) for k in trained_vae if ".encoder." in k or "quant_conv" in k
+               and "post_quant" not in k)  # the experts' latents stay valid
+    assert not all(torch.equal(trained_vae[k], tuned_vae[k]) for k in trained_vae if ".decoder." in k)
     finished = load_file(work / "shared.safetensors")
     # Interrupted after the step-3 checkpoint of the shared stage: the rerun continues from it.
     for name in ("shared.safetensors", "high_noise.safetensors", "low_noise.safetensors", "high_noise_state.safetensors",

@@ -29,6 +29,8 @@ from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
 from diffusers.utils import BaseOutput
 
+from . import text_padding
+
 # Wan's RoPE base; the teacher hard-codes it, so a compatible student must use it too.
 WAN_ROPE_THETA = 10000.0
 
@@ -194,6 +196,8 @@ class WanLiteTransformer2DModel(ModelMixin, ConfigMixin):
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, inner_dim) / inner_dim**0.5)
 
         self.gradient_checkpointing = False
+        # Cross-attention skips the text's zero padding (same attention, far fewer rows): see text_padding.
+        self._text_attention = text_padding.install(self.blocks)
 
     @classmethod
     def from_student_config(cls, student_config, teacher_config=None, *, seed: int | None = None):
@@ -277,6 +281,7 @@ class WanLiteTransformer2DModel(ModelMixin, ConfigMixin):
 
         rotary_emb = self.rope(hidden_states)
         tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
+        encoder_hidden_states, self._text_attention.bias = text_padding.compact_text(encoder_hidden_states)
         temb, timestep_proj, encoder_hidden_states = self._conditioning(timestep, encoder_hidden_states)
 
         block_outputs = []

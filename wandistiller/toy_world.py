@@ -8,11 +8,11 @@ Stages, each resumable from `work_dir` (a killed run picks up at its last checkp
    encoder cannot tell "red shape" from "red background"), caption dropout for classifier-free guidance;
 4. `high_noise` / `low_noise`: the shared model fine-tuned on each side of the expert boundary, as Wan 2.2's
    two experts are;
-5. the pipeline folder (`WanPipeline.from_pretrained` loads it), written atomically.
+5. `decoder`: the VAE decoder fine-tuned on slightly noisy latents (the encoder, hence the latents, fixed);
+6. the pipeline folder (`WanPipeline.from_pretrained` loads it), written atomically.
 
-Cross-attention during training sees the true text tokens plus *one* zero row whose logit carries
-log(number of padding rows). `WanPipeline` zero-pads the text to 512 tokens and every padding row gives the
-same key and value, so this is the same attention, ~30x fewer text rows.
+Cross-attention during training skips the text's zero padding (`text_padding`): the same attention as over
+WanPipeline's 512-row text, ~30x fewer rows.
 """
 
 from __future__ import annotations
@@ -32,9 +32,10 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import shapes
+from . import shapes, text_padding
 from .data import _atomic_save
 
+TOY_WORLD_PATH = Path(__file__).resolve().parent.parent / "data" / "toy_world"
 TEXT_LENGTH = 512  # WanPipeline's max_sequence_length: the text the experts see at sampling time
 BOUNDARY_RATIO = 0.875
 
@@ -54,8 +55,8 @@ class ToyWorldRecipe:
     num_images: int = 24576
     num_clips: int = 3072
     # transformer + text encoder
-    shared_steps: int = 14000
-    expert_steps: int = 1500
+    shared_steps: int = 9000
+    expert_steps: int = 1000
     batch_images: int = 64
     batch_clips: int = 32
     clip_every: int = 4
@@ -66,6 +67,10 @@ class ToyWorldRecipe:
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
     flow_shift: float = 3.0
+    # decoder fine-tune on noisy latents (encoder frozen, so the experts' latents stay valid)
+    decoder_steps: int = 600
+    decoder_lr: float = 3e-4
+    decoder_noise: float = 0.1  # latent noise, in units of each channel's std
     checkpoint_every: int = 250
     eval_every: int = 2000  # alignment of the EMA model on the held-out prompts, logged
     # architecture
@@ -210,6 +215,54 @@ def train_vae(work: Path, recipe: ToyWorldRecipe, progress: bool = True):
     return vae
 
 
+def finetune_decoder(work: Path, vae, recipe: ToyWorldRecipe, progress: bool = True):
+    """Sharpen the decoder and make it robust to the small latent errors a sampler leaves.
+
+    The encoder is frozen, so latents cached for the experts stay valid. Sampled latents are never exactly a
+    clean encoding; a decoder that saw only clean ones turns small errors into dented shapes.
+    """
+    done = work / "decoder.safetensors"
+    if done.exists():
+        _load_state(done, {"vae": vae})
+        return vae.eval()
+    state = work / "decoder_state.safetensors"
+    vae.requires_grad_(False)
+    vae.decoder.requires_grad_(True)
+    vae.post_quant_conv.requires_grad_(True)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0)
+    start = _load_state(state, {"vae": vae}, optimizer) if state.exists() else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, recipe.decoder_steps, 20, 0.05),
+                                              last_epoch=start - 1)
+    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    vae.decoder.train()
+    bar = tqdm(range(start, recipe.decoder_steps), desc="toy world: decoder", disable=not progress, initial=start,
+               total=recipe.decoder_steps)
+    for step in bar:
+        rng = random.Random(f"decoder-{recipe.seed}-{step}")
+        generator = torch.Generator().manual_seed(_seed(recipe.seed, "decoder", step))
+        loss = 0.0
+        for count, frames in ((recipe.vae_images, 1), (recipe.vae_clips, shapes.NUM_FRAMES)):
+            x, _ = shapes.sample_batch(rng, count, frames)
+            with torch.no_grad():
+                mu = vae.encode(x).latent_dist.mean
+            z = mu + recipe.decoder_noise * std * torch.randn(mu.shape, generator=generator)
+            loss = loss + F.mse_loss(vae.decode(z).sample, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        sched.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 25 == 0:
+            _log(work, {"stage": "decoder", "step": step, "loss": loss.item()})
+        if (step + 1) % recipe.checkpoint_every == 0:
+            _save_state(state, {"vae": vae}, optimizer, step + 1)
+    vae.requires_grad_(True)
+    _save_state(done, {"vae": vae.eval()})
+    return vae
+
+
 # ---------------------------------------------------------------------------------------------- 2. latents
 
 
@@ -247,42 +300,18 @@ def encode_dataset(work: Path, vae, tokenizer, recipe: ToyWorldRecipe, progress:
 # ---------------------------------------------------------------------------------- 3./4. text + transformer
 
 
-class PaddedTextAttnProcessor:
-    """Wan cross-attention over the true text tokens plus one zero row standing for all padding rows.
+def encode_text(text_encoder, ids: torch.Tensor, processor) -> torch.Tensor:
+    """Text states as WanPipeline builds them (cut at the true length, zeros after), compacted for `processor`.
 
-    `bias` (B, 1, 1, L) is added to the attention logits: 0 on true tokens, -inf on in-batch padding, and
-    log(number of padding rows) on the last (zero) row, which makes the softmax identical to attending over
-    the 512-row zero-padded text that WanPipeline gives the experts.
+    `processor` (from `text_padding.install`) gets the logit bias that makes the few rows here stand for the
+    512 rows WanPipeline gives the experts; None leaves the text as it is.
     """
-
-    def __init__(self):
-        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-        self.inner = WanAttnProcessor()
-        self.bias = None
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        return self.inner(attn, hidden_states, encoder_hidden_states, self.bias, rotary_emb)
-
-
-def install_padded_text_attention(transformer) -> PaddedTextAttnProcessor:
-    processor = PaddedTextAttnProcessor()
-    for block in transformer.blocks:
-        block.attn2.set_processor(processor)
-    return processor
-
-
-def encode_text(text_encoder, ids: torch.Tensor, processor: PaddedTextAttnProcessor | None) -> torch.Tensor:
-    """Text states as WanPipeline builds them (cut at the true length, zeros after), plus the bias."""
     mask = ids.ne(0)
     states = text_encoder(ids, mask.long()).last_hidden_state * mask[..., None]
     states = torch.cat([states, states.new_zeros(states.shape[0], 1, states.shape[2])], dim=1)
-    if processor is not None:
-        lengths = mask.sum(1)
-        bias = torch.zeros(ids.shape[0], ids.shape[1] + 1)
-        bias[:, :-1].masked_fill_(~mask, float("-inf"))
-        bias[:, -1] = torch.log((TEXT_LENGTH - lengths).float())
-        processor.bias = bias[:, None, None, :]
+    if processor is None:
+        return states
+    states, processor.bias = text_padding.compact_text(states, TEXT_LENGTH)
     return states
 
 
@@ -341,7 +370,7 @@ def train_transformer(work: Path, stage: str, data: dict, recipe: ToyWorldRecipe
     start = _load_state(state, all_modules, optimizer) if state.exists() else 0
     warmup = recipe.warmup_steps if stage == "shared" else 50
     sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, steps, warmup), last_epoch=start - 1)
-    processor = install_padded_text_attention(transformer)
+    processor = text_padding.install(transformer.blocks)
     ema_params = list(ema_t.parameters()) + list(ema_e.parameters())
     live_params = list(transformer.parameters()) + list(text_encoder.parameters())
     transformer.train()
@@ -440,6 +469,7 @@ def make_toy_world(path: str | Path, recipe: ToyWorldRecipe | None = None, *, wo
     shared = train_transformer(work, "shared", data, recipe, None, len(tokenizer), progress, evaluate)
     experts = {stage: train_transformer(work, stage, data, recipe, shared, len(tokenizer), progress)
                for stage in ("high_noise", "low_noise")}
+    vae = finetune_decoder(work, vae, recipe, progress)
     pipe = assemble_pipeline(vae, tokenizer, experts, recipe)
     _log(work, {"stage": "final", **teacher_alignment(pipe, progress=False).as_row()})
     _log(work, {"stage": "done", "seconds": time.time() - started})
@@ -459,3 +489,11 @@ def teacher_alignment(pipe, prompts: list[str] | None = None, *, num_inference_s
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
                   output_type="pt").frames  # (B, T, 3, H, W) in [0, 1]
     return alignment([f[0] * 2 - 1 for f in frames], prompts)
+
+
+def toy_world_path() -> Path:
+    """The committed toy-world teacher (`teacher_path="toy"`)."""
+    if not (TOY_WORLD_PATH / "model_index.json").is_file():
+        raise FileNotFoundError(f"the toy-world teacher is missing at {TOY_WORLD_PATH}: restore data/toy_world from git "
+                                "or train it with `make toy-world`")
+    return TOY_WORLD_PATH
