@@ -109,3 +109,58 @@ def compare_speed_and_size(teacher, student_pipe, *, height: int, width: int, nu
     return Table(("model", "params", "forward FLOPs", "forwards/image", "FLOPs/image", "images/s"), rows,
                  f"{height}x{width}, {num_inference_steps} steps; teacher = one expert, with CFG; "
                  "student gain = teacher/student for size and FLOPs, student/teacher for images/s")
+
+
+def vae_flops(vae, height: int, width: int) -> tuple[int, int]:
+    """(encode, decode) FLOPs for one height x width image, counted on the VAE's device (meta: full size, free).
+
+    A 3D `AutoencoderKLWan` gets it as a single frame; a `WanVAE2D` as an image.
+    """
+    from diffusers import AutoencoderKLWan
+
+    frame = (1,) if isinstance(vae, AutoencoderKLWan) else ()
+    s = vae.config.scale_factor_spatial
+    image = torch.zeros(1, 3, *frame, height, width, device=vae.device, dtype=vae.dtype)
+    latents = torch.zeros(1, vae.config.z_dim, *frame, height // s, width // s, device=vae.device, dtype=vae.dtype)
+    flops = []
+    for run in (lambda: vae.encode(image), lambda: vae.decode(latents)):
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            run()
+        flops.append(counter.get_total_flops())
+    return tuple(flops)
+
+
+def compare_vaes(vae, vae2d=None, *, height: int, width: int, repeats: int = 3) -> Table:
+    """Wan's 3D VAE vs its exact 2D form (`vae_to_2d`) on one image: parameters, FLOPs, measured decodes/s.
+
+    Decodes are timed on the VAEs' device from the same latents (not on meta, where only counting works).
+    """
+    from .vae2d import vae_to_2d
+
+    vae2d = vae_to_2d(vae) if vae2d is None else vae2d
+    s = vae.config.scale_factor_spatial
+    z = torch.randn(1, vae.config.z_dim, height // s, width // s, generator=torch.Generator().manual_seed(0))
+    rows = []
+    for name, model, latents in (("3D AutoencoderKLWan, T=1", vae, z.unsqueeze(2)), ("2D WanVAE2D", vae2d, z)):
+        latents = latents.to(model.device, model.dtype)
+        # .item() waits for the decode on an asynchronous device (CUDA) so the time is the decode's.
+        speed = None if model.device.type == "meta" else images_per_second(
+            torch.no_grad()(lambda: model.decode(latents).sample.sum().item()), 1, repeats)
+        rows.append((name, num_params(model), *vae_flops(model, height, width), speed))
+    (_, p3, e3, d3, t3), (_, p2, e2, d2, t2) = rows
+    rows.append(("2D gain", f"{p3 / p2:.2f}x", f"{e3 / e2:.2f}x", f"{d3 / d2:.2f}x",
+                 f"{t2 / t3:.2f}x" if t3 else None))
+    return Table(("VAE", "params", "encode FLOPs", "decode FLOPs", "decodes/s"), rows,
+                 f"{height}x{width}, one image; gain = 3D/2D for size and FLOPs, 2D/3D for decodes/s")
+
+
+def alignment_table(images: dict[str, list], prompts: list[str], title: str = "") -> Table:
+    """Toy-world prompt alignment per model: background, shape colour, shape and all-correct rates.
+
+    `images` maps a model name to its images for `prompts` (e.g. `teacher_and_student_images`' output).
+    """
+    from .alignment import alignment
+
+    rows = [(name, *alignment(pictures, prompts).as_row().values()) for name, pictures in images.items()]
+    return Table(("model", "background", "colour", "shape", "all-correct"), rows,
+                 title or f"toy-world alignment on {len(prompts)} prompts (fractions correct)")
