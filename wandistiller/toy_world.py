@@ -68,7 +68,7 @@ class ToyWorldRecipe:
     caption_dropout: float = 0.1
     flow_shift: float = 3.0
     # decoder fine-tune on noisy latents (encoder frozen, so the experts' latents stay valid)
-    decoder_steps: int = 600
+    decoder_steps: int = 400
     decoder_lr: float = 3e-4
     decoder_noise: float = 0.1  # latent noise, in units of each channel's std
     checkpoint_every: int = 250
