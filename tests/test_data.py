@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -105,16 +106,31 @@ def test_cache_is_resumable_split_by_rank_and_refuses_other_settings(lazy_teache
     shard1 = (cache / "shard_00001.safetensors").stat().st_mtime_ns
     build_target_cache(lazy_teacher, PROMPTS, cache, spec, rank=0, world_size=1, progress=False)
     assert (cache / "shard_00001.safetensors").stat().st_mtime_ns == shard1, "a finished shard is not redone"
-    targets, manifest = load_target_cache(cache)
+    targets, manifest = load_target_cache(cache, lazy_teacher.fingerprint, spec, PROMPTS)
     assert len(targets) == 3 * 4 and set(targets.tensors) == set(TARGET_KEYS)
     assert manifest["teacher_fingerprint"] and manifest["prompts"] == PROMPTS
     assert targets.prompt_embeds.shape == (3, 512, 32)
     # a single-process build gives the very same targets
     whole = tmp_path / "whole"
     build_target_cache(lazy_teacher, PROMPTS, whole, spec, progress=False)
-    same, _ = load_target_cache(whole)
+    same, _ = load_target_cache(whole, lazy_teacher.fingerprint, spec, PROMPTS)
     for key in targets.tensors:
         torch.testing.assert_close(targets.tensors[key], same.tensors[key], rtol=0, atol=1e-5)
-    with pytest.raises(ValueError, match="another teacher, prompts or settings"):
+    with pytest.raises(ValueError, match="made with other prompts: pass overwrite=True"):
         build_target_cache(lazy_teacher, PROMPTS[:2], cache, spec, progress=False)
     assert json.loads((cache / "manifest.json").read_text())["prompts"] == PROMPTS
+
+
+def test_trajectories_without_cfg_are_the_pipelines(lazy_teacher):
+    # guidance_scale <= 1: WanPipeline makes no unconditional pass (whatever guidance_scale_2 says); nor do we
+    teacher = dataclasses.replace(lazy_teacher, guidance_scale=0.5, guidance_scale_2=0.5)
+    embeds, negative = teacher.encode_prompts(PROMPTS, negative="")
+    noise = torch.randn(teacher.latent_shape(3, 64, 64), generator=torch.Generator().manual_seed(0))
+    records, final = record_trajectories(teacher, embeds, negative, noise, TargetSpec(num_inference_steps=4),
+                                         progress=False)
+    assert torch.equal(records["v_uncond"], records["v_cond"]) and (records["guidance"] == 1).all()
+    teacher.experts  # both resident for the reference pipeline call
+    reference = teacher.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, num_frames=1,
+                             height=64, width=64, num_inference_steps=4, guidance_scale=0.5, guidance_scale_2=0.5,
+                             output_type="latent").frames
+    torch.testing.assert_close(final, reference, rtol=0, atol=0)

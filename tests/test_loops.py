@@ -17,6 +17,8 @@ from wandistiller.model import WanLiteTransformer2DModel
 from wandistiller.projection import project
 
 SMALL = {"hidden_size": 16, "depth": 2, "num_heads": 1, "image_size": 64}
+TINY_EXPERT = {"in_channels": 16, "out_channels": 16, "text_dim": 32, "patch_size": (1, 2, 2), "freq_dim": 256,
+               "num_attention_heads": 2, "attention_head_dim": 16, "ffn_dim": 64, "num_layers": 4}
 
 
 def _losses(path):
@@ -37,7 +39,9 @@ def test_production_run_55_prompts_one_epoch(tmp_path):
     prompts.write_text("\n".join(read_prompts()[:55]), encoding="utf-8")
     result = distill(data_path=str(prompts), output_dir=str(tmp_path / "run"), num_epochs=1, batch_size=8,
                      lr=2e-3, warmup_steps=5, checkpoint_interval=20, progress=False)
-    targets, manifest = load_target_cache(tmp_path / "run" / "cache")
+    spec = TargetSpec(height=64, width=64, num_inference_steps=8, samples_per_prompt=4)
+    fingerprint = wandistiller.teacher.read_teacher_info("tiny").fingerprint()
+    targets, manifest = load_target_cache(tmp_path / "run" / "cache", fingerprint, spec, read_prompts(prompts))
     assert len(manifest["prompts"]) == 55 and len(targets) == 55 * 8  # every step of every trajectory
     assert result.steps == len(targets) // 8
     reloaded = WanLiteTransformer2DModel.from_pretrained(result.student_path)
@@ -63,10 +67,7 @@ def test_cached_training_needs_no_teacher_and_matches_online(tmp_path, monkeypat
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(read_prompts()[:6]), encoding="utf-8")
     init = tmp_path / "init"
-    WanLiteTransformer2DModel.from_student_config(SMALL, {"in_channels": 16, "out_channels": 16, "text_dim": 32,
-                                                          "patch_size": (1, 2, 2), "freq_dim": 256,
-                                                          "num_attention_heads": 2, "attention_head_dim": 16,
-                                                          "ffn_dim": 64}, seed=0).save_pretrained(init)
+    WanLiteTransformer2DModel.from_student_config(SMALL, TINY_EXPERT, seed=0).save_pretrained(init)
     common = dict(data_path=str(prompts), student_config=SMALL, student_init=str(init), latent_source="noise",
                   samples_per_prompt=4, batch_size=4, num_epochs=2, lr=1e-3, ema_decay=0, progress=False,
                   save_samples=False)
@@ -234,3 +235,182 @@ def test_distributed_without_torchrun_says_how_to_launch(tmp_path, monkeypatch, 
     assert main(["distill", "--output_dir", str(tmp_path / "run")]) == 2
     assert "MASTER_ADDR is not" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def _prompts_file(tmp_path, n: int) -> str:
+    path = tmp_path / "prompts.txt"
+    path.write_text("\n".join(read_prompts()[:n]), encoding="utf-8")
+    return str(path)
+
+
+def test_resumed_ema_lives_on_the_training_device(tmp_path):
+    from diffusers.training_utils import EMAModel
+
+    from wandistiller.loops import _restore_training_state, _training_state
+    from wandistiller.loss import DistillLoss
+
+    student = WanLiteTransformer2DModel.from_student_config(SMALL, TINY_EXPERT, seed=0)
+    optimizer = torch.optim.AdamW(student.parameters())
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    ema = EMAModel(student.parameters(), decay=0.9)
+    ema.step(student.parameters())
+    torch.save(_training_state(optimizer, schedule, ema, DistillLoss(), None, 3, 0, 3), tmp_path / "state.pt")
+    state = torch.load(tmp_path / "state.pt", map_location="cpu", weights_only=True)  # as a resume reads it
+    resumed = EMAModel(student.parameters(), decay=0.9)
+    # "meta" stands in for the GPU a resumed run trains on: the shadow weights must follow the training device
+    step = _restore_training_state(state, optimizer, schedule, resumed, DistillLoss(), torch.device("meta"))
+    assert step == (3, 0, 3)
+    assert {p.device.type for p in resumed.shadow_params} == {"meta"}
+    assert resumed.optimization_step == ema.optimization_step
+
+
+def test_a_second_teacher_in_the_same_folder_never_reuses_the_first_ones_targets(tmp_path):
+    prompts = _prompts_file(tmp_path, 2)
+    common = dict(data_path=prompts, student_config=SMALL, student_init="random", latent_source="noise",
+                  samples_per_prompt=2, batch_size=4, max_steps=1, progress=False, save_samples=False,
+                  output_dir=str(tmp_path / "run"))
+    distill(teacher_path="tiny", **common)
+    cache = tmp_path / "run" / "cache"
+    manifest = json.loads((cache / "manifest.json").read_text())
+    with pytest.raises(ValueError, match="made with other teacher: pass overwrite=True to discard it"):
+        distill(teacher_path="tiny-2.1", resume=True, **common)
+    assert json.loads((cache / "manifest.json").read_text()) == manifest  # refused, untouched
+    distill(teacher_path="tiny-2.1", overwrite=True, **common)
+    from wandistiller.teacher import load_teacher, read_teacher_info
+
+    second = load_teacher("tiny-2.1", device_strategy="cpu")
+    assert second.fingerprint == read_teacher_info("tiny-2.1").fingerprint() != read_teacher_info("tiny").fingerprint()
+    spec = TargetSpec(latent_source="noise", samples_per_prompt=2, height=64, width=64)
+    targets, _ = load_target_cache(cache, second.fingerprint, spec, read_prompts(prompts))
+    t = targets.tensors
+    embeds = targets.prompt_embeds[t["prompt_index"]]
+    v = second.velocity(t["latents"][:, :, None], t["timesteps"], embeds)[:, :, 0]
+    torch.testing.assert_close(t["v_cond"], v, rtol=0, atol=1e-5)  # the second teacher's own targets
+    with pytest.raises(ValueError, match="made with other teacher"):
+        load_target_cache(cache, read_teacher_info("tiny").fingerprint(), spec, read_prompts(prompts))
+
+
+def _refuse_teacher(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the configuration was checked")
+
+    monkeypatch.setattr(wandistiller.teacher, "load_teacher", refuse)
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(student_config={**SMALL, "num_channels": 48}), "num_channels=48 contradicts the teacher"),
+    (dict(student_config={**SMALL, "hidden_size": 64, "num_heads": 4}), "num_attention_heads=4 exceeds the teacher's 2"),
+    (dict(projection_layers=[0, 9]), "teacher block"),
+    (dict(projection_expert="middle"), "unknown projection_expert 'middle'"),
+    (dict(height=60, width=64), "image height 60 does not suit this teacher: use a multiple of 16"),
+    (dict(student_config={**SMALL, "image_size": 1024}), "image height 1024 .* of at most 512 px"),
+    (dict(student_config={k: v for k, v in SMALL.items() if k != "image_size"}), "student config sets no image_size"),
+    (dict(latent_source="images", images_path="/no/such/folder"), "images_path /no/such/folder is not a folder"),
+])
+def test_config_errors_stop_before_the_teacher_is_loaded(tmp_path, monkeypatch, params, message):
+    _refuse_teacher(monkeypatch)
+    common = dict(data_path=_prompts_file(tmp_path, 2), student_config=SMALL, progress=False,
+                  output_dir=str(tmp_path / "run"))
+    with pytest.raises((ValueError, FileNotFoundError), match=message) as err:
+        distill(**{**common, **params})
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()  # nothing written
+
+
+def test_a_broken_student_config_file_names_the_file_and_position(tmp_path, monkeypatch):
+    _refuse_teacher(monkeypatch)
+    config = tmp_path / "student.json"
+    config.write_text('{"hidden_size": 16,\n "depth": 2,\n "num_heads": 1\n "image_size": 64}')
+    with pytest.raises(ValueError, match=f"{config} is corrupt: not valid JSON at line 4, column 2"):
+        distill(data_path=_prompts_file(tmp_path, 2), student_config=str(config), output_dir=str(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_feature_kd_on_two_ranks_matches_one_process(tmp_path):
+    args = [*_cli_inputs(tmp_path), "--teacher_targets", "online", "--latent_source", "noise", "--samples_per_prompt",
+            "2", "--feature_weight", "1", "--projection_layers", "first_last", "--max_grad_norm", "0.05",
+            "--batch_size", "8", "--num_epochs", "2", "--lr", "1e-3", "--checkpoint_interval", "4", "--ema_decay", "0"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    single = subprocess.run(_cli("--output_dir", str(tmp_path / "one"), *args), env=env, capture_output=True, text=True)
+    assert single.returncode == 0, single.stderr[-2000:]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+                "-m", "wandistiller", "distill", "--distributed", "--output_dir", str(tmp_path / "two"), *args]
+    multi = subprocess.run(torchrun, env=env, capture_output=True, text=True)
+    assert multi.returncode == 0, multi.stderr[-3000:]
+    one, two = _losses(tmp_path / "one" / "metrics.jsonl"), _losses(tmp_path / "two" / "metrics.jsonl")
+    print("1 process", one, "\n2 ranks  ", two)
+    assert len(one) == 4 and two == pytest.approx(one, rel=1e-4)
+    states = [torch.load(tmp_path / run / "checkpoints" / "step_0000004" / "training_state.pt", weights_only=True)
+              for run in ("one", "two")]
+    assert states[0]["feature_pairing"] == states[1]["feature_pairing"]
+    assert states[0]["feature_pairing"]["depth_map"] == [0, 3]
+    weights = [{**load_file(tmp_path / run / "student" / "diffusion_pytorch_model.safetensors"),
+                **{f"adapter.{k}": v for k, v in state["loss_fn"].items()}} for run, state in zip(("one", "two"), states)]
+    worst = max(float((weights[0][k] - weights[1][k]).abs().max()) for k in weights[0])
+    print("largest weight difference, 2 ranks vs 1 process:", worst)
+    for key in weights[0]:  # tolerance: reduction order only
+        torch.testing.assert_close(weights[1][key], weights[0][key], rtol=1e-3, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tmp_path):
+    args = [*_cli_inputs(tmp_path), "--student_init", "random", "--batch_size", "8", "--num_epochs", "8",
+            "--checkpoint_interval", "2", "--cache_dir", str(tmp_path / "cache"), "--output_dir", str(tmp_path / "run")]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+
+    def torchrun(*extra):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+                   "-m", "wandistiller", "distill", "--distributed", *args, *extra]
+        return subprocess.run(command, env=env, capture_output=True, text=True, timeout=1200)
+
+    first = torchrun("--max_steps", "2")
+    assert first.returncode == 0, first.stderr[-3000:]
+    shard = tmp_path / "cache" / "shard_00000.safetensors"
+    tensors = load_file(shard)
+    tensors["v_cond"][5] = float("nan")  # one corrupted target: one rank sees it, the other does not
+    save_file(tensors, shard)
+    failed = torchrun("--max_steps", "32", "--resume")
+    assert failed.returncode != 0
+    lines = [line for line in failed.stderr.splitlines() if "non-finite loss" in line]
+    print("\n".join(lines))
+    assert len(lines) == 2 and lines[0] == lines[1], failed.stderr[-3000:]  # both ranks, one message
+    assert "wandistiller: error: non-finite loss at step " in lines[0] and " of 2)" in lines[0]
+    last = list_checkpoints(tmp_path / "run")[-1]
+    WanLiteTransformer2DModel.from_pretrained(last / "student")  # the last good checkpoint is intact
+    torch.load(last / "training_state.pt", weights_only=True)
+
+
+_SHARED_TEACHER_RANK = """
+import os, sys
+import wandistiller.teacher as teacher
+from wandistiller.loops import distill
+
+# Stand-in for gpu0 under torchrun on a GPU machine: one teacher for both ranks, held by local rank 0.
+local_rank = int(os.environ["LOCAL_RANK"])
+teacher.teacher_device_plan = lambda *a, **k: teacher.DevicePlan("cpu", shared=True, loads_teacher=local_rank == 0)
+real_load = teacher.load_teacher
+
+def counting_load(*args, **kwargs):
+    open(os.path.join(sys.argv[1], f"teacher_loaded_by_rank_{local_rank}"), "a").write("x")
+    return real_load(*args, **kwargs)
+
+teacher.load_teacher = counting_load
+distill(data_path=sys.argv[2], output_dir=sys.argv[3], student_config={"hidden_size": 16, "depth": 2, "num_heads": 1,
+        "image_size": 64}, num_inference_steps=4, batch_size=8, max_steps=2, progress=False, save_samples=False)
+"""
+
+
+@pytest.mark.slow
+def test_a_shared_teacher_is_loaded_by_rank_0_only(tmp_path):
+    prompts = _prompts_file(tmp_path, 8)
+    port = str(_free_port())
+    ranks = [subprocess.Popen([sys.executable, "-c", _SHARED_TEACHER_RANK, str(tmp_path), prompts, str(tmp_path / "run")],
+                              env=dict(os.environ, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=port, OMP_NUM_THREADS="1"),
+                              stderr=subprocess.PIPE, text=True) for r in range(2)]
+    errors = [proc.communicate(timeout=900)[1] for proc in ranks]
+    assert [proc.returncode for proc in ranks] == [0, 0], errors[0][-2000:] + errors[1][-2000:]
+    assert sorted(p.name for p in tmp_path.glob("teacher_loaded_by_rank_*")) == ["teacher_loaded_by_rank_0"]
+    manifest = json.loads((tmp_path / "run" / "cache" / "manifest.json").read_text())
+    assert sum(shard["count"] for shard in manifest["shards"]) == 8 * 4  # rank 0 recorded every prompt
+    assert len(_losses(tmp_path / "run" / "metrics.jsonl")) == 2

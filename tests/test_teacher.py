@@ -1,11 +1,17 @@
+import dataclasses
 import json
+import shutil
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
 from diffusers import WanTransformer3DModel
 
-from wandistiller.teacher import TeacherNotAvailableError, load_teacher, resolve_device_strategy
+from wandistiller.teacher import (
+    DevicePlan, TeacherNotAvailableError, load_teacher, plan_teacher_device, read_model_index, resolve_device_strategy,
+)
+from wandistiller.toy import tiny_wan_path
 
 PROMPTS = ["a red fox sitting in fresh snow", "a gothic cathedral interior with stained glass windows"]
 
@@ -141,3 +147,126 @@ def test_full_size_configs_on_meta_device():
                 out_channels=48, text_dim=4096, freq_dim=256, ffn_dim=14336, num_layers=30)
     assert _meta_params(**a14b) == 14_288_491_584
     assert _meta_params(**ti2v) == 4_999_787_712
+
+
+HUB_ID = "Wan-AI/Wan2.2-T2V-A14B-Diffusers"
+
+
+@pytest.fixture()
+def hub_cache(tmp_path, monkeypatch):
+    """A Hugging Face cache (HF_HUB_CACHE layout: models--org--name/refs/main + snapshots/<commit>/) that holds
+    the tiny A14B teacher under the real A14B hub id, and no network."""
+    import huggingface_hub.constants
+
+    cache = tmp_path / "hf_cache"
+    repo = cache / ("models--" + HUB_ID.replace("/", "--"))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(tiny_wan_path("a14b"), repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    # huggingface_hub reads both variables once, at import
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return repo / "snapshots" / commit
+
+
+def test_hub_id_from_the_local_cache_is_read_like_diffusers_reads_it(hub_cache):
+    # What distill() does: experts deferred. The variant comes from the cached model_index.json.
+    teacher = load_teacher(HUB_ID, device_strategy="cpu", load_experts=False)
+    assert teacher.variant == "a14b" and teacher.expert_names == ["transformer", "transformer_2"]
+    assert (teacher.guidance_scale, teacher.guidance_scale_2) == (4.0, 3.0)
+    assert teacher.expert_for_role("low_noise") == "transformer_2"
+    assert Path(teacher.source) == hub_cache.resolve() or Path(teacher.source) == hub_cache
+    assert read_model_index(Path(teacher.source))["boundary_ratio"] == 0.875  # what sample saving reads
+    # every sample is routed: one batch across the boundary equals each expert's own output, bit for bit
+    embeds = teacher.encode_prompts(PROMPTS)
+    latents = torch.randn(teacher.latent_shape(2, 32, 32), generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([950.0, 300.0])
+    v = teacher.velocity(latents, t, embeds)
+    for i, name in enumerate(["transformer", "transformer_2"]):
+        direct = teacher.expert_velocity(name, latents[i:i + 1], t[i:i + 1], embeds[i:i + 1])
+        torch.testing.assert_close(v[i:i + 1], direct, rtol=0, atol=0)
+
+
+def test_a_sample_no_expert_takes_is_an_error_not_uninitialised_memory(hub_cache):
+    teacher = load_teacher(HUB_ID, device_strategy="cpu", load_experts=False)
+    # the state the hub id used to produce: an A14B pipeline (boundary 875) taken for a one-expert 2.1 teacher
+    wrong = dataclasses.replace(teacher, variant="2.1")
+    embeds = teacher.encode_prompts(PROMPTS[:1])
+    latents = torch.randn(teacher.latent_shape(1, 32, 32))
+    with pytest.raises(RuntimeError, match="belongs to expert 'transformer_2'"):
+        wrong.velocity(latents, torch.tensor([300.0]), embeds)
+
+
+def test_device_plan_follows_local_rank():
+    # torchrun --nproc_per_node=4 on a 4-GPU machine: one teacher per rank, each on its own GPU
+    for strategy in ("cuda", "auto"):
+        plans = [plan_teacher_device(strategy, local_rank=r, local_world_size=4, gpu_count=4) for r in range(4)]
+        assert [p.device for p in plans] == ["cuda:0", "cuda:1", "cuda:2", "cuda:3"]
+        assert not any(p.shared for p in plans) and all(p.loads_teacher for p in plans)
+    # gpu0: one copy on GPU 0, loaded by local rank 0 only
+    gpu0 = [plan_teacher_device("gpu0", local_rank=r, local_world_size=4, gpu_count=4) for r in range(4)]
+    assert gpu0 == [DevicePlan("cuda:0", shared=True, loads_teacher=r == 0) for r in range(4)]
+    assert plan_teacher_device("gpu0", gpu_count=4) == DevicePlan("cuda:0")
+    # one process: balanced over all GPUs (auto with several), cuda:0 with one
+    assert plan_teacher_device("auto", gpu_count=2).device == "balanced"
+    assert plan_teacher_device("balanced", gpu_count=2).device == "balanced"
+    assert plan_teacher_device("auto", gpu_count=1).device == "cuda:0"
+    assert plan_teacher_device("cuda", local_rank=1, local_world_size=2, gpu_count=4, teacher_on_cpu=True).device == "cpu"
+    with pytest.raises(ValueError, match="'balanced' .* cannot serve 4 ranks per machine: use 'cuda'") as err:
+        plan_teacher_device("balanced", local_rank=1, local_world_size=4, gpu_count=4)
+    assert "\n" not in str(err.value)
+    with pytest.raises(ValueError, match="LOCAL_RANK=2 but only 2 GPU"):
+        plan_teacher_device("cuda", local_rank=2, local_world_size=3, gpu_count=2)
+
+
+def test_gpu0_rank_other_than_local_rank_0_never_loads_a_copy(monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert resolve_device_strategy("cuda") == "cuda:1"
+    with pytest.raises(ValueError, match="local rank 1 must not load another copy"):
+        load_teacher("tiny", device_strategy="gpu0")
+
+
+def test_guidance_follows_wan_pipeline():
+    teacher = load_teacher("tiny", device_strategy="cpu", load_experts=False, guidance_scale=2.0)
+    assert (teacher.guidance_scale, teacher.guidance_scale_2) == (2.0, 2.0)  # the second expert uses the same value
+    both = load_teacher("tiny", device_strategy="cpu", load_experts=False, guidance_scale=2.0, guidance_scale_2=6.0)
+    assert [both.guidance_for_expert(n) for n in both.expert_names] == [2.0, 6.0] and both.uses_cfg
+    off = load_teacher("tiny", device_strategy="cpu", load_experts=False, guidance_scale=1.0, guidance_scale_2=6.0)
+    assert not off.uses_cfg and [off.guidance_for_expert(n) for n in off.expert_names] == [1.0, 1.0]
+    with pytest.raises(ValueError, match="guidance_scale_2 is the low-noise expert's scale"):
+        load_teacher("tiny-2.1", device_strategy="cpu", guidance_scale_2=3.0)
+
+
+def test_guidance_at_most_1_makes_no_unconditional_pass(tiny_teacher):
+    teacher = dataclasses.replace(tiny_teacher, guidance_scale=0.5, guidance_scale_2=0.5)
+    embeds, negative = teacher.encode_prompts(PROMPTS, negative="")
+    latents = torch.randn(teacher.latent_shape(2, 32, 32), generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([950.0, 300.0])
+    calls = []
+    real = teacher.expert_velocity
+    teacher.expert_velocity = lambda name, *args: calls.append(name) or real(name, *args)
+    guided = teacher.velocity(latents, t, embeds, negative)
+    assert calls == ["transformer", "transformer_2"]  # one pass per expert: conditional only
+    torch.testing.assert_close(guided, teacher.velocity(latents, t, embeds), rtol=0, atol=0)
+
+
+def test_broken_teacher_files_are_named(tmp_path):
+    broken = tmp_path / "teacher"
+    shutil.copytree(tiny_wan_path("a14b"), broken)
+    weights = broken / "transformer_2" / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:5000])  # an interrupted download
+    teacher = load_teacher(broken, device_strategy="cpu", load_experts=False)  # the experts are not read yet
+    with pytest.raises(ValueError, match=f"{weights} is corrupt or truncated .*: re-download it"):
+        teacher.load_expert("transformer_2")
+    with pytest.raises(ValueError, match=f"{weights} is corrupt or truncated"):
+        load_teacher(broken, device_strategy="cpu")
+    config = broken / "vae" / "config.json"
+    config.write_text('{\n  "base_dim": 4,\n  "z_dim" 16\n}')
+    with pytest.raises(ValueError, match=f"{config} is corrupt: not valid JSON at line 3, column 11"):
+        load_teacher(broken, device_strategy="cpu", load_experts=False)

@@ -83,7 +83,11 @@ def _prompt_noise(teacher, spec: TargetSpec, prompt_index: int, sample: int = 0)
 
 
 def _guided(teacher, name: str, latents, timesteps, embeds, negative):
+    """(v_cond, v_uncond); without CFG (guidance_scale <= 1) WanPipeline makes no unconditional pass, and
+    v_uncond = v_cond makes every guided target equal the conditional velocity exactly."""
     v_cond = teacher.expert_velocity(name, latents, timesteps, embeds)
+    if not teacher.uses_cfg:
+        return v_cond, v_cond
     v_uncond = teacher.expert_velocity(name, latents, timesteps, negative)
     return v_cond, v_uncond
 
@@ -109,7 +113,8 @@ def record_trajectories(teacher, embeds, negative, noise, spec: TargetSpec, *, b
         chunks.append({"index": torch.arange(start, min(start + batch_size, len(noise))),
                        "latents": noise[start:start + batch_size].clone(), "scheduler": sched})
     records = []
-    phases = [(name, [t for t in timesteps if teacher.expert_for_timestep(t) == name]) for name in teacher.expert_names]
+    experts = [teacher.expert_for_timestep(t) for t in timesteps]  # raises for a step no expert takes
+    phases = [(name, [t for t, e in zip(timesteps, experts) if e == name]) for name in teacher.expert_names]
     total = sum(len(steps) for _, steps in phases) * len(chunks)
     bar = tqdm(total=total, desc="recording teacher trajectories", disable=not progress)
     for name, steps in phases:
@@ -214,14 +219,6 @@ def _concat(records: list[dict]) -> dict:
     return {key: torch.cat([r[key] for r in records]) for key in records[0]}
 
 
-def teacher_fingerprint(teacher) -> str:
-    """A hash of what makes the teacher's targets: its source, variant, expert configs and guidance scales."""
-    configs = {name: teacher.transformer_config(name) for name in teacher.expert_names}
-    raw = json.dumps([teacher.source, teacher.variant, teacher.guidance_scale, teacher.guidance_scale_2,
-                      str(teacher.dtype), configs], sort_keys=True, default=str)
-    return hashlib.sha256(raw.encode()).hexdigest()[:16]
-
-
 def _atomic_save(tensors: dict, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -232,9 +229,53 @@ def _atomic_save(tensors: dict, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _manifest_header(teacher, spec: TargetSpec, prompts: list[str]) -> dict:
-    return {"format": CACHE_FORMAT, "teacher": teacher.source, "teacher_fingerprint": teacher_fingerprint(teacher),
-            "spec": asdict(spec), "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+CACHE_HEADER = "cache_header.json"  # written when a build starts, so a partial cache is checked too
+_HEADER_WORDS = {"format": "cache format", "teacher_fingerprint": "teacher", "spec": "target settings",
+                 "prompts_sha256": "prompts"}
+
+
+def cache_header(teacher_fingerprint: str, spec: TargetSpec, prompts: list[str]) -> dict:
+    """What a target cache must have been made with: the teacher (`Teacher.fingerprint`), spec and prompts."""
+    return {"format": CACHE_FORMAT, "teacher_fingerprint": teacher_fingerprint, "spec": asdict(spec),
+            "prompts_sha256": hashlib.sha256("\n".join(prompts).encode()).hexdigest()}
+
+
+def open_target_cache(cache_dir: str | Path, teacher_fingerprint: str, spec: TargetSpec, prompts: list[str], *,
+                      discard_mismatch: bool = False) -> str:
+    """The state of the target cache in `cache_dir` for this teacher, spec and prompts: "complete", "partial"
+    (a build was interrupted) or "empty". Every reader and writer of a cache goes through here.
+
+    A cache made with another teacher, spec or prompts (or of unknown origin) raises a ValueError, or with
+    `discard_mismatch=True` its target files are deleted and the state is "empty".
+    """
+    from .teacher import read_json
+
+    cache_dir = Path(cache_dir)
+    header = cache_header(teacher_fingerprint, spec, prompts)
+    found, state = None, "empty"
+    for name, name_state in (("manifest.json", "complete"), (CACHE_HEADER, "partial")):
+        if (cache_dir / name).is_file():
+            found, state = read_json(cache_dir / name), name_state
+            break
+    if found is None and not any(cache_dir.glob("shard_*.safetensors")):
+        return "empty"
+    differs = ["origin unknown"] if found is None else [
+        _HEADER_WORDS[key] for key in header if not isinstance(found, dict) or found.get(key) != header[key]]
+    if not differs:
+        return state
+    if not discard_mismatch:
+        raise ValueError(f"the target cache {cache_dir} was made with other {', '.join(differs)}: pass overwrite=True "
+                         "to discard it, or another cache_dir (the existing one is kept)")
+    for path in [cache_dir / "manifest.json", cache_dir / CACHE_HEADER, cache_dir / "prompt_embeds.safetensors",
+                 *cache_dir.glob("shard_*.safetensors")]:
+        path.unlink(missing_ok=True)
+    return "empty"
+
+
+def _write_json(data: dict, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # ranks may write the same file
+    tmp.write_text(json.dumps(data, indent=1))
+    os.replace(tmp, path)
 
 
 def build_target_cache(teacher, prompts: list[str], cache_dir: str | Path, spec: TargetSpec, *,
@@ -243,18 +284,16 @@ def build_target_cache(teacher, prompts: list[str], cache_dir: str | Path, spec:
 
     Layout: `prompt_embeds.safetensors` (all prompts + the negative prompt), `shard_NNNNN.safetensors` (targets
     for `spec.shard_prompts` prompts each) and `manifest.json`, written last by rank 0. Finished shards are
-    skipped, so an interrupted build continues where it stopped. A cache made with other settings is refused.
+    skipped, so an interrupted build continues where it stopped. A cache made with another teacher, spec or
+    prompts is refused (see `open_target_cache`).
     """
     cache_dir = Path(cache_dir)
-    header = _manifest_header(teacher, spec, prompts)
     manifest_path = cache_dir / "manifest.json"
-    if manifest_path.is_file():
-        existing = json.loads(manifest_path.read_text())
-        if {k: existing.get(k) for k in header} != header:
-            raise ValueError(f"the target cache {cache_dir} was made with another teacher, prompts or settings: "
-                             "pass a new cache_dir (the existing one is kept)")
+    if open_target_cache(cache_dir, teacher.fingerprint, spec, prompts) == "complete":
         return manifest_path
+    header = cache_header(teacher.fingerprint, spec, prompts)
     cache_dir.mkdir(parents=True, exist_ok=True)
+    _write_json(header, cache_dir / CACHE_HEADER)
     embeds, negative = teacher.encode_prompts(prompts, negative="")
     negative = negative[:1]
     if rank == 0 and not (cache_dir / "prompt_embeds.safetensors").is_file():
@@ -271,10 +310,9 @@ def build_target_cache(teacher, prompts: list[str], cache_dir: str | Path, spec:
         barrier()
     if rank == 0:
         counts = [_shard_length(cache_dir / _shard_name(k)) for k in range(len(shards))]
-        manifest = dict(header, prompts=prompts, shards=[{"file": _shard_name(k), "count": c} for k, c in enumerate(counts)])
-        tmp = manifest_path.with_name(".manifest.json.tmp")
-        tmp.write_text(json.dumps(manifest, indent=1))
-        os.replace(tmp, manifest_path)
+        manifest = dict(header, teacher=teacher.source, prompts=prompts,
+                        shards=[{"file": _shard_name(k), "count": c} for k, c in enumerate(counts)])
+        _write_json(manifest, manifest_path)
     if barrier is not None:
         barrier()
     return manifest_path
@@ -292,17 +330,16 @@ def _shard_length(path: Path) -> int:
         return f.get_slice("timesteps").get_shape()[0]
 
 
-def load_target_cache(cache_dir: str | Path) -> tuple[TargetSet, dict]:
-    """Read a complete target cache (no teacher needed): the TargetSet and the manifest."""
+def load_target_cache(cache_dir: str | Path, teacher_fingerprint: str, spec: TargetSpec,
+                      prompts: list[str]) -> tuple[TargetSet, dict]:
+    """Read a complete target cache made with this teacher (`Teacher.fingerprint` or
+    `TeacherInfo.fingerprint(dtype)`: no teacher weights needed), spec and prompts: the TargetSet and the manifest."""
     from safetensors.torch import load_file
 
     cache_dir = Path(cache_dir)
-    manifest_path = cache_dir / "manifest.json"
-    if not manifest_path.is_file():
+    if open_target_cache(cache_dir, teacher_fingerprint, spec, prompts) != "complete":
         raise FileNotFoundError(f"{cache_dir} holds no complete target cache (no manifest.json): build it first")
-    manifest = json.loads(manifest_path.read_text())
-    if manifest.get("format") != CACHE_FORMAT:
-        raise ValueError(f"target cache {cache_dir} has format {manifest.get('format')}, this kit reads {CACHE_FORMAT}")
+    manifest = json.loads((cache_dir / "manifest.json").read_text())
     shards = [load_file(cache_dir / s["file"]) for s in manifest["shards"]]
     embeds = load_file(cache_dir / "prompt_embeds.safetensors")
     return TargetSet(_concat(shards), embeds["prompt_embeds"], embeds["negative_embeds"]), manifest

@@ -21,9 +21,12 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .data import DEFAULT_PROMPTS_PATH, TargetSpec, build_target_cache, load_target_cache, make_online_inputs, read_prompts
-from .loss import DistillLoss, FeatureAdapters, check_finite
-from .model import WanLiteTransformer2DModel, load_student_config
+from .data import (
+    DEFAULT_PROMPTS_PATH, TargetSpec, build_target_cache, load_target_cache, make_online_inputs, open_target_cache,
+    read_prompts,
+)
+from .loss import DistillLoss, FeatureAdapters, NonFiniteLossError, check_finite, non_finite_message
+from .model import StudentConfig, WanLiteTransformer2DModel, load_student_config, student_model_config
 
 DEFAULT_STUDENT_CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "student_config_small.json")
 CHECKPOINT_PREFIX = "step_"
@@ -130,6 +133,23 @@ class _Dist:
             value /= self.world_size
         return value
 
+    def broadcast(self, obj):
+        """Rank 0's value of a picklable object, on every rank."""
+        if self.world_size > 1:
+            box = [obj]
+            dist.broadcast_object_list(box, src=0)
+            obj = box[0]
+        return obj
+
+    def ranks_where(self, flag: bool) -> list[int]:
+        """The ranks on which `flag` is true; every rank gets the same list."""
+        if self.world_size == 1:
+            return [0] if flag else []
+        flags = torch.zeros(self.world_size, device=self.device)
+        flags[self.rank] = float(flag)
+        dist.all_reduce(flags)
+        return [r for r in range(self.world_size) if flags[r] > 0]
+
 
 def _setup_distributed(cfg: DistillConfig) -> _Dist:
     if "RANK" not in os.environ:
@@ -176,6 +196,113 @@ def _check(cfg: DistillConfig, world_size: int) -> None:
         raise ValueError("feature_weight > 0 needs the teacher's features at each batch: set teacher_targets='online'")
     if cfg.mixed_precision not in ("auto", "no", "bf16"):
         raise ValueError(f"mixed_precision must be auto, no or bf16, got {cfg.mixed_precision!r}")
+
+
+# --- checks from config files, before any weights are loaded -------------------------------------------------------
+
+
+@dataclass
+class _RunInputs:
+    """What the config files say, read and cross-checked before the first teacher forward."""
+
+    prompts: list
+    student_config: StudentConfig
+    teacher: object  # TeacherInfo
+    teacher_config: dict
+    placement: object  # DevicePlan
+    spec: TargetSpec
+    fingerprint: str
+    cache_dir: Path
+    cache_mismatch: bool  # a cache of another teacher/spec/prompts that overwrite=True discards
+
+
+def _validate(cfg: DistillConfig) -> _RunInputs:
+    """Everything checkable without weights: prompts, student config vs teacher config, projection options, image
+    size vs VAE and patch factors, teacher device placement, the target cache's origin (hours of work on A14B
+    would otherwise end in a config error)."""
+    from .teacher import read_teacher_info, resolve_dtype, teacher_device_plan
+
+    prompts = read_prompts(cfg.data_path)
+    student_cfg, sets_size = _read_student_config(cfg.student_config)
+    resolve_dtype(cfg.teacher_dtype)
+    info = read_teacher_info(cfg.teacher_path, cfg.guidance_scale, cfg.guidance_scale_2)
+    placement = teacher_device_plan(cfg.teacher_device_strategy, cfg.teacher_on_cpu)
+    if placement.shared and cfg.teacher_targets == "online":
+        raise ValueError("teacher_targets='online' queries the teacher on every rank at every step, but "
+                         "teacher_device_strategy='gpu0' keeps one teacher for all ranks: use 'cuda' (one teacher per "
+                         "GPU) or teacher_targets='cache'")
+    teacher_config = info.transformer_config("transformer")
+    student_model_config(student_cfg, teacher_config)
+    resuming = cfg.resume and bool(list_checkpoints(cfg.output_dir))
+    if cfg.student_init == "projection" and not resuming:
+        _check_projection(cfg, student_cfg, teacher_config)
+    elif cfg.student_init not in ("projection", "random") and not (Path(cfg.student_init) / "config.json").is_file():
+        raise FileNotFoundError(f"student_init={cfg.student_init!r} is neither 'projection', 'random' nor a saved "
+                                "student directory (with config.json)")
+    height, width = _image_size(cfg, student_cfg, sets_size, info.vae_scale_factor, teacher_config)
+    spec = TargetSpec(latent_source=cfg.latent_source, height=height, width=width,
+                      num_inference_steps=cfg.num_inference_steps, samples_per_prompt=cfg.samples_per_prompt,
+                      seed=cfg.seed, images_path=cfg.images_path)
+    if spec.latent_source == "images" and not Path(spec.images_path).is_dir():
+        raise FileNotFoundError(f"images_path {spec.images_path} is not a folder: pass a folder of images")
+    fingerprint = info.fingerprint(cfg.teacher_dtype)
+    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(cfg.output_dir) / "cache"
+    mismatch = False
+    if cfg.teacher_targets == "cache":
+        try:
+            open_target_cache(cache_dir, fingerprint, spec, prompts)
+        except ValueError:
+            if not cfg.overwrite:
+                raise
+            mismatch = True
+    return _RunInputs(prompts, student_cfg, info, teacher_config, placement, spec, fingerprint, cache_dir, mismatch)
+
+
+def _read_student_config(config) -> tuple[StudentConfig, bool]:
+    """The student config, and whether it sets image_size; a broken JSON file is named with the position."""
+    from .teacher import read_json
+
+    if isinstance(config, (str, Path)):
+        path = Path(config)
+        if not path.is_file():
+            raise FileNotFoundError(f"student config {path} does not exist: pass a JSON file such as "
+                                    f"{DEFAULT_STUDENT_CONFIG}")
+        config = read_json(path)
+    sets_size = not isinstance(config, dict) or "image_size" in config
+    return load_student_config(config), sets_size
+
+
+def _image_size(cfg: DistillConfig, student_cfg: StudentConfig, sets_size: bool, vae_factor: int,
+                teacher_config: dict) -> tuple[int, int]:
+    """(height, width): the arguments, else the student config's image_size; checked against the teacher."""
+    patch = teacher_config["patch_size"][-1]
+    multiple = vae_factor * patch
+    largest = teacher_config.get("rope_max_seq_len", 1024) * multiple  # the teacher's RoPE covers this many patches
+    if cfg.height is None and cfg.width is None and not sets_size:
+        raise ValueError(f"the student config sets no image_size and no height/width was given: set image_size in the "
+                         f"student config or pass height and width (multiples of {multiple}, at most {largest} px "
+                         "for this teacher)")
+    height, width = cfg.height or student_cfg.image_size, cfg.width or student_cfg.image_size
+    for name, value in (("height", height), ("width", width)):
+        if value <= 0 or value % multiple or value > largest:
+            raise ValueError(f"image {name} {value} does not suit this teacher: use a multiple of {multiple} (VAE "
+                             f"factor {vae_factor} x patch {patch}) of at most {largest} px (its RoPE covers "
+                             f"{largest // multiple} patches per side)")
+    return height, width
+
+
+def _check_projection(cfg: DistillConfig, student_cfg: StudentConfig, teacher_config: dict) -> None:
+    """Plan the projection on a meta-device teacher: every shape and option check, without weights."""
+    from diffusers import WanTransformer3DModel
+
+    from .projection import EXPERT_CHOICES, project
+
+    if cfg.projection_expert not in EXPERT_CHOICES:
+        raise ValueError(f"unknown projection_expert {cfg.projection_expert!r}: use one of {', '.join(EXPERT_CHOICES)}")
+    with torch.device("meta"):
+        meta_teacher = WanTransformer3DModel.from_config(teacher_config)
+    project(meta_teacher, student_cfg, layers=cfg.projection_layers,
+            width="truncate" if cfg.projection_width == "svd" else cfg.projection_width)
 
 
 # --- the run directory -----------------------------------------------------------------------------------------
@@ -243,10 +370,12 @@ def _load_training_state(checkpoint: Path) -> dict:
 
 
 class _LazyTeacher:
-    def __init__(self, cfg: DistillConfig, embed_cache: Path):
-        self.cfg, self.embed_cache, self.teacher = cfg, embed_cache, None
+    def __init__(self, cfg: DistillConfig, embed_cache: Path, holds_teacher: bool = True):
+        self.cfg, self.embed_cache, self.holds_teacher, self.teacher = cfg, embed_cache, holds_teacher, None
 
     def __call__(self):
+        if not self.holds_teacher:
+            raise RuntimeError("this rank shares rank 0's teacher (teacher_device_strategy='gpu0') and must not load one")
         if self.teacher is None:
             from .teacher import load_teacher
 
@@ -257,20 +386,8 @@ class _LazyTeacher:
         return self.teacher
 
 
-def _teacher_source(cfg: DistillConfig) -> str:
-    from .teacher import resolve_teacher_path
-
-    return resolve_teacher_path(cfg.teacher_path)
-
-
-def _teacher_config(teacher_source: str) -> dict:
-    from diffusers import WanTransformer3DModel
-
-    return dict(WanTransformer3DModel.load_config(teacher_source, subfolder="transformer"))
-
-
-def _build_student(cfg: DistillConfig, get_teacher, teacher_config: dict, rank: int, calibration_prompts: list[str]):
-    student_cfg = load_student_config(cfg.student_config)
+def _build_student(cfg: DistillConfig, student_cfg: StudentConfig, get_teacher, teacher_config: dict, rank: int,
+                   calibration_prompts: list[str]):
     if cfg.student_init == "random":
         return WanLiteTransformer2DModel.from_student_config(student_cfg, teacher_config, seed=cfg.seed), None
     if cfg.student_init != "projection":
@@ -341,60 +458,66 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     cfg = _resolve_config(config, params)
     rt = _setup_distributed(cfg)
     _check(cfg, rt.world_size)
+    run = _validate(cfg)
     out = Path(cfg.output_dir)
     _claim_output_dir(out, cfg, rt)
     torch.manual_seed(cfg.seed)
-
-    prompts = read_prompts(cfg.data_path)
-    student_cfg = load_student_config(cfg.student_config)
-    height = cfg.height or student_cfg.image_size
-    width = cfg.width or student_cfg.image_size
-    cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else out / "cache"
-    teacher_source = _teacher_source(cfg)
-    get_teacher = _LazyTeacher(cfg, cache_dir / "prompt_embed_cache")
-    spec = TargetSpec(latent_source=cfg.latent_source, height=height, width=width,
-                      num_inference_steps=cfg.num_inference_steps, samples_per_prompt=cfg.samples_per_prompt,
-                      seed=cfg.seed, images_path=cfg.images_path)
+    prompts, spec, cache_dir = run.prompts, run.spec, run.cache_dir
+    height, width = spec.height, spec.width
+    if run.cache_mismatch:  # overwrite=True: a cache of another teacher, spec or prompts is discarded, never reused
+        rt.barrier()
+        if rt.is_main:
+            open_target_cache(cache_dir, run.fingerprint, spec, prompts, discard_mismatch=True)
+        rt.barrier()
+    # gpu0 under torchrun: one teacher on GPU 0, held by rank 0 alone; the other ranks wait for its targets.
+    shared = run.placement.shared
+    holds_teacher = rt.is_main or not shared
+    get_teacher = _LazyTeacher(cfg, cache_dir / "prompt_embed_cache", holds_teacher)
 
     # 1. Teacher targets: from the cache (built here if missing; the teacher is loaded only to build it).
     checkpoints = list_checkpoints(out) if cfg.resume else []
     sample_prompts = list(cfg.sample_prompts or prompts[:2])
-    needs_teacher = (cfg.teacher_targets == "online" or not (cache_dir / "manifest.json").is_file()
-                     or (cfg.student_init == "projection" and not checkpoints and rt.is_main))
+    cache_complete = (cache_dir / "manifest.json").is_file()
+    needs_teacher = holds_teacher and (cfg.teacher_targets == "online" or not cache_complete
+                                       or (cfg.student_init == "projection" and not checkpoints and rt.is_main))
     if needs_teacher:
         # All text work first, then free the text encoder (UMT5-XXL: 5.7 B) before any expert is loaded.
         get_teacher().encode_prompts(prompts + sample_prompts, negative="")
         get_teacher().release_text_encoder()
     if cfg.teacher_targets == "cache":
-        if not (cache_dir / "manifest.json").is_file():
-            build_target_cache(get_teacher(), prompts, cache_dir, spec, rank=rt.rank, world_size=rt.world_size,
-                               barrier=rt.barrier, progress=cfg.progress and rt.is_main)
-        targets, manifest = load_target_cache(cache_dir)
-        if manifest["spec"] != dataclasses.asdict(spec) or manifest["prompts"] != prompts:
-            raise ValueError(f"the target cache {cache_dir} was made with other prompts or settings: pass a new "
-                             "cache_dir (the existing one is kept)")
+        if not cache_complete:
+            if holds_teacher:
+                build_target_cache(get_teacher(), prompts, cache_dir, spec, rank=0 if shared else rt.rank,
+                                   world_size=1 if shared else rt.world_size, barrier=None if shared else rt.barrier,
+                                   progress=cfg.progress and rt.is_main)
+            if shared:
+                rt.barrier()
+        targets, manifest = load_target_cache(cache_dir, run.fingerprint, spec, prompts)
     else:
         targets = make_online_inputs(get_teacher(), prompts, spec, progress=cfg.progress and rt.is_main)
 
     # 2. Student: resumed, projected from the teacher, random, or loaded.
     state = None
-    teacher_config = _teacher_config(teacher_source)
+    teacher_config = run.teacher_config
     report = None
     if checkpoints:
         student = WanLiteTransformer2DModel.from_pretrained(checkpoints[-1] / "student")
         state = _load_training_state(checkpoints[-1])
     else:
-        student, report = _build_student(cfg, get_teacher, teacher_config, rt.rank, prompts[:8])
+        student, report = _build_student(cfg, run.student_config, get_teacher, teacher_config, rt.rank,
+                                          prompts[:8])
     student.to(rt.device).train()
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
 
-    loss_fn = _make_loss(cfg, student, teacher_config, report).to(rt.device)
+    pairing = _feature_pairing(cfg, student, teacher_config, report, state, rt)
+    loss_fn = _make_loss(cfg, pairing, student, teacher_config).to(rt.device)
     model = student
     if rt.world_size > 1:
         model = torch.nn.parallel.DistributedDataParallel(
             student, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    params = list(student.parameters()) + list(loss_fn.parameters())
+    loss_params = list(loss_fn.parameters())  # the feature adapters: outside DDP, averaged by hand
+    params = list(student.parameters()) + loss_params
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
     local_batch = cfg.batch_size // rt.world_size
@@ -419,14 +542,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
 
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        lr_scheduler.load_state_dict(state["lr_scheduler"])
-        if ema is not None and state.get("ema") is not None:
-            ema.load_state_dict(state["ema"])
-        if state.get("loss_fn"):
-            loss_fn.load_state_dict(state["loss_fn"])
-        torch.set_rng_state(state["rng"])
-        step, epoch, batch_in_epoch = state["step"], state["epoch"], state["batch_in_epoch"]
+        step, epoch, batch_in_epoch = _restore_training_state(state, optimizer, lr_scheduler, ema, loss_fn, rt.device)
 
     metrics_path = out / "metrics.jsonl"
     metrics = _prepare_metrics(metrics_path, step, rt.is_main)
@@ -434,7 +550,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     sampler_images = None
     if cfg.save_samples and rt.is_main:
         embeds = _sample_embeds(targets, prompts, sample_prompts, get_teacher)
-        sampler_images = _Sampler(cfg, teacher_source, student, sample_prompts, embeds, height, width,
+        sampler_images = _Sampler(cfg, str(run.teacher.source), student, sample_prompts, embeds, height, width,
                                   teacher=get_teacher.teacher)
     sample_paths, grid_paths = [], []
     if get_teacher.teacher is not None and cfg.teacher_targets == "cache":
@@ -451,7 +567,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
         for b, batch in enumerate(loader):
             if b < batch_in_epoch or b >= steps_per_epoch * accum:
                 continue
-            parts = _micro_step(model, loss_fn, batch, targets, online, rt.device, autocast, step)
+            parts = _micro_step(model, loss_fn, batch, targets, online, rt, autocast, step)
             (parts["loss"] / accum).backward()
             for k, v in parts.items():
                 parts_sum[k] = parts_sum.get(k, 0.0) + v.detach()
@@ -459,6 +575,8 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
             samples_since += len(batch["timesteps"]) * rt.world_size
             if micro < accum:
                 continue
+            if rt.world_size > 1 and loss_params:
+                _average_gradients(loss_params, rt)  # every replica clips and steps the same adapters
             torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
             optimizer.step()
             lr_scheduler.step()
@@ -481,7 +599,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
             if step % cfg.checkpoint_interval == 0 or step == total_steps:
                 if rt.is_main:
                     _save_checkpoint(out, step, student, _training_state(
-                        optimizer, lr_scheduler, ema, loss_fn, step, epoch, batch_in_epoch), cfg.keep_checkpoints)
+                        optimizer, lr_scheduler, ema, loss_fn, pairing, step, epoch, batch_in_epoch), cfg.keep_checkpoints)
                 rt.barrier()
             if step >= total_steps:
                 break
@@ -513,25 +631,57 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     return result
 
 
-def _make_loss(cfg: DistillConfig, student, teacher_config: dict, report) -> DistillLoss:
+def _feature_pairing(cfg: DistillConfig, student, teacher_config: dict, report, state, rt: _Dist) -> dict | None:
+    """Feature KD's student->teacher block map and teacher channels. Identical on every rank (rank 0's: only it
+    has the projection report) and kept in the checkpoint, so a resumed run pairs the blocks as before."""
     if cfg.feature_weight <= 0:
-        return DistillLoss(cfg_distill=cfg.cfg_distill, weighting=cfg.timestep_weighting)
+        return None
+    if state is not None and state.get("feature_pairing"):
+        return state["feature_pairing"]
     if report is not None:
-        depth_map = report.depth_map
+        pairing = {"depth_map": list(report.depth_map), "channels": list(report.channels)}
     else:
         from .projection import select_layers
 
-        depth_map = select_layers(teacher_config["num_layers"], student.config.num_layers, "uniform")
-    block_map = list(enumerate(depth_map))
+        pairing = {"depth_map": select_layers(teacher_config["num_layers"], student.config.num_layers, "uniform"),
+                   "channels": None}
+    return rt.broadcast(pairing)
+
+
+def _make_loss(cfg: DistillConfig, pairing: dict | None, student, teacher_config: dict) -> DistillLoss:
+    if pairing is None:
+        return DistillLoss(cfg_distill=cfg.cfg_distill, weighting=cfg.timestep_weighting)
+    block_map = list(enumerate(pairing["depth_map"]))
     teacher_dim = teacher_config["num_attention_heads"] * teacher_config["attention_head_dim"]
     student_dim = student.config.num_attention_heads * student.config.attention_head_dim
-    adapters = FeatureAdapters(student_dim, teacher_dim, len(block_map),
-                               channels=report.channels if report is not None else None)
+    adapters = FeatureAdapters(student_dim, teacher_dim, len(block_map), channels=pairing["channels"])
     return DistillLoss(feature_weight=cfg.feature_weight, cfg_distill=cfg.cfg_distill,
                        weighting=cfg.timestep_weighting, adapters=adapters, block_map=block_map)
 
 
-def _micro_step(model, loss_fn, batch, targets, teacher, device, autocast, step) -> dict:
+def _average_gradients(params: list, rt: _Dist) -> None:
+    """Average the gradients of parameters DDP does not own (the feature adapters) over the ranks."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = rt.mean(torch.cat([g.flatten() for g in grads]))
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
+
+
+def _stop_if_not_finite(parts: dict, step: int, rt: _Dist) -> None:
+    """Stop every rank together on a non-finite loss: a rank that stopped alone would leave the others waiting in
+    DDP's all-reduce. The ranks agree first, so all raise the same message before any bad step is applied."""
+    if rt.world_size == 1:
+        check_finite(parts, step)
+        return
+    bad = [name for name, value in parts.items() if not torch.isfinite(value.detach()).all()]
+    ranks = rt.ranks_where(bool(bad))
+    if ranks:
+        raise NonFiniteLossError(non_finite_message(step, f"on rank{'s' if len(ranks) > 1 else ''} "
+                                                          f"{', '.join(map(str, ranks))} of {rt.world_size}"))
+
+
+def _micro_step(model, loss_fn, batch, targets, teacher, rt: _Dist, autocast, step) -> dict:
+    device = rt.device
     latents = batch["latents"].to(device)
     timesteps = batch["timesteps"].to(device)
     embeds = targets.prompt_embeds[batch["prompt_index"]].to(device)
@@ -547,7 +697,7 @@ def _micro_step(model, loss_fn, batch, targets, teacher, device, autocast, step)
         out = model(latents, timesteps, embeds, output_hidden_states=loss_fn.feature_weight > 0)
     parts = loss_fn(out.sample.float(), v_cond, v_uncond, guidance, timestep=timesteps,
                     student_feats=out.hidden_states, teacher_feats=teacher_feats)
-    check_finite(parts, step + 1)
+    _stop_if_not_finite(parts, step + 1, rt)
     return parts
 
 
@@ -566,7 +716,10 @@ def _query_online(teacher, latents, timesteps, embeds, negative, need_features: 
         v_cond[idx] = teacher.expert_velocity(name, x, timesteps[idx], embeds[idx])[:, :, 0].to(latents.device)
         for h in handles:
             h.remove()
-        v_uncond[idx] = teacher.expert_velocity(name, x, timesteps[idx], negative[idx])[:, :, 0].to(latents.device)
+        if teacher.uses_cfg:
+            v_uncond[idx] = teacher.expert_velocity(name, x, timesteps[idx], negative[idx])[:, :, 0].to(latents.device)
+        else:  # no unconditional pass without CFG, as in WanPipeline: the target is the conditional velocity
+            v_uncond[idx] = v_cond[idx]
         guidance[idx] = teacher.guidance_for_expert(name)
         if need_features:
             if feats is None:
@@ -583,10 +736,24 @@ def _autocast(cfg: DistillConfig, device: torch.device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
 
 
-def _training_state(optimizer, lr_scheduler, ema, loss_fn, step, epoch, batch_in_epoch) -> dict:
+def _training_state(optimizer, lr_scheduler, ema, loss_fn, pairing, step, epoch, batch_in_epoch) -> dict:
     return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
             "ema": ema.state_dict() if ema is not None else None, "loss_fn": loss_fn.state_dict(),
-            "rng": torch.get_rng_state(), "step": step, "epoch": epoch, "batch_in_epoch": batch_in_epoch}
+            "feature_pairing": pairing, "rng": torch.get_rng_state(), "step": step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch}
+
+
+def _restore_training_state(state: dict, optimizer, lr_scheduler, ema, loss_fn, device) -> tuple[int, int, int]:
+    """Load a checkpoint's training state onto the training `device`; returns (step, epoch, batch_in_epoch)."""
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+        ema.to(device=device)  # the shadow weights come back where torch.load put them: on the CPU
+    if state.get("loss_fn"):
+        loss_fn.load_state_dict(state["loss_fn"])
+    torch.set_rng_state(state["rng"])
+    return state["step"], state["epoch"], state["batch_in_epoch"]
 
 
 def _prepare_metrics(path: Path, step: int, is_main: bool) -> list:

@@ -327,12 +327,15 @@ class DistillLoss(nn.Module):
         return {"loss": total, "velocity": velocity, "feature": feature}
 
 
+def non_finite_message(step: int, detail: str) -> str:
+    """The one-line report of a non-finite loss at `step`, with `detail` (which parts, which ranks)."""
+    return (f"non-finite loss at step {step} ({detail}); try a lower learning rate, check the data and cached "
+            "teacher targets for NaN/Inf, or train in float32/bfloat16 rather than float16")
+
+
 def check_finite(loss_parts: dict[str, torch.Tensor], step: int) -> None:
     """Raise `NonFiniteLossError` naming the step and the non-finite parts, before a bad step is applied."""
     bad = [name for name, value in loss_parts.items() if not torch.isfinite(torch.as_tensor(value)).all()]
     if bad:
-        values = ", ".join(f"{name}={float(torch.as_tensor(loss_parts[name]).float().mean()):g}" for name in bad)
-        raise NonFiniteLossError(
-            f"non-finite loss at step {step} ({values}); try a lower learning rate, check the data and "
-            f"cached teacher targets for NaN/Inf, or train in float32/bfloat16 rather than float16"
-        )
+        values = ", ".join(f"{name}={float(torch.as_tensor(loss_parts[name]).detach().float().mean()):g}" for name in bad)
+        raise NonFiniteLossError(non_finite_message(step, values))

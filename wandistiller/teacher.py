@@ -45,51 +45,148 @@ def resolve_dtype(dtype: str | torch.dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def resolve_device_strategy(strategy: str = "auto", teacher_on_cpu: bool = False) -> str:
-    """Map a device strategy to what this machine can do: 'cpu', 'cuda:N' or 'balanced'."""
+@dataclass(frozen=True)
+class DevicePlan:
+    """Where one process puts its teacher.
+
+    Parameters:
+        device: "cpu", "cuda:N", or "balanced" (accelerate spreads the pipeline's components over the GPUs).
+        shared: one teacher copy on GPU 0 serves every rank of this machine (`gpu0` under torchrun).
+        loads_teacher: False for the ranks of a shared teacher other than local rank 0: they must not load it.
+    """
+
+    device: str
+    shared: bool = False
+    loads_teacher: bool = True
+
+
+def plan_teacher_device(strategy: str = "auto", *, local_rank: int = 0, local_world_size: int = 1,
+                        gpu_count: int = 0, teacher_on_cpu: bool = False) -> DevicePlan:
+    """The teacher's device for local rank `local_rank` of `local_world_size` ranks on a machine with `gpu_count`
+    visible GPUs (a pure function: `load_teacher` passes torchrun's LOCAL_RANK / LOCAL_WORLD_SIZE).
+
+    cpu: the CPU. cuda: `cuda:{local_rank}`, one teacher per rank. gpu0: GPU 0; under torchrun one copy that
+    local rank 0 loads and the other ranks never do. balanced: one process's teacher spread over all GPUs
+    (refused with several ranks per machine, which would each spread a copy over the same GPUs).
+    auto: `cuda:{local_rank}`, or balanced for a single process that sees several GPUs. Without a GPU every
+    strategy falls back to the CPU with one warning.
+    """
     if teacher_on_cpu:
         strategy = "cpu"
     if strategy not in DEVICE_STRATEGIES:
         raise ValueError(f"unknown device strategy {strategy!r}: use one of {', '.join(DEVICE_STRATEGIES)}")
     if strategy == "cpu":
-        return "cpu"
-    if not torch.cuda.is_available():
+        return DevicePlan("cpu")
+    if gpu_count == 0:
         if strategy != "auto":
             warnings.warn(f"teacher device strategy {strategy!r} needs a GPU and none is visible: using the CPU")
-        return "cpu"
-    if strategy in ("cuda", "gpu0"):
-        return "cuda:0"
-    if strategy == "balanced":
-        return "balanced"
-    # auto: the GPU with the most free memory; accelerate's balanced map when there are several.
-    if torch.cuda.device_count() > 1:
-        return "balanced"
-    return "cuda:0"
+        return DevicePlan("cpu")
+    several = local_world_size > 1
+    if strategy == "balanced" and several:
+        raise ValueError(f"teacher device strategy 'balanced' spreads one teacher over all GPUs and cannot serve "
+                         f"{local_world_size} ranks per machine: use 'cuda' (one teacher per rank on cuda:LOCAL_RANK) "
+                         "or 'gpu0' (one teacher on GPU 0 for all ranks)")
+    if strategy == "gpu0":
+        return DevicePlan("cuda:0", shared=several, loads_teacher=local_rank == 0)
+    if strategy == "balanced" or (strategy == "auto" and not several and gpu_count > 1):
+        return DevicePlan("balanced")
+    if local_rank >= gpu_count:
+        raise ValueError(f"LOCAL_RANK={local_rank} but only {gpu_count} GPU(s) are visible: start at most "
+                         f"{gpu_count} ranks per machine (torchrun --nproc_per_node={gpu_count})")
+    return DevicePlan(f"cuda:{local_rank}")
 
 
-def resolve_teacher_path(path_or_id: str | Path) -> str:
-    """The embedded tiny teacher's names map to its (built on first use) directory; anything else passes."""
+def local_ranks() -> tuple[int, int]:
+    """(LOCAL_RANK, LOCAL_WORLD_SIZE) as torchrun sets them; (0, 1) in a plain process."""
+    return int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+
+
+def teacher_device_plan(strategy: str = "auto", teacher_on_cpu: bool = False) -> DevicePlan:
+    """`plan_teacher_device` for this process: its local rank and the GPUs it sees."""
+    local_rank, local_world_size = local_ranks()
+    gpu_count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return plan_teacher_device(strategy, local_rank=local_rank, local_world_size=local_world_size,
+                               gpu_count=gpu_count, teacher_on_cpu=teacher_on_cpu)
+
+
+def resolve_device_strategy(strategy: str = "auto", teacher_on_cpu: bool = False) -> str:
+    """This process's teacher device for a strategy: 'cpu', 'cuda:N' or 'balanced'."""
+    return teacher_device_plan(strategy, teacher_on_cpu).device
+
+
+def locate_teacher(path_or_id: str | Path) -> Path:
+    """The local diffusers directory of a teacher, found as diffusers finds it.
+
+    The embedded tiny teacher's names map to its directory (built on first use); a local path must exist; a hub
+    id resolves to its snapshot in the Hugging Face cache (HF_HUB_CACHE), and is downloaded there first only
+    when it is not cached and the hub is reachable.
+    """
     name = str(path_or_id)
+    if name == "toy" and not Path(name).exists():
+        from .toy_world import toy_world_path
+
+        return toy_world_path()
     if name == "tiny" or (name.startswith("tiny-") and not Path(name).exists()):
         from .toy import VARIANTS, tiny_wan_path
 
         variant = "a14b" if name == "tiny" else name[len("tiny-"):]
         if variant not in VARIANTS:
             raise ValueError(f"unknown tiny teacher {name!r}: use tiny, " + ", ".join(f"tiny-{v}" for v in VARIANTS))
-        return str(tiny_wan_path(variant))
-    return name
+        return tiny_wan_path(variant)
+    local = Path(name).expanduser()
+    if local.exists():
+        if not local.is_dir():
+            raise ValueError(f"teacher path {local} is a file: pass the diffusers pipeline directory that holds model_index.json")
+        return local.resolve()
+    if name.startswith((".", "/", "~")) or name.count("/") != 1:
+        raise FileNotFoundError(f"teacher path {name} does not exist: pass a local Wan Diffusers directory, "
+                                "a hub id such as Wan-AI/Wan2.2-T2V-A14B-Diffusers, or 'tiny'")
+    from diffusers import DiffusionPipeline
+
+    try:
+        try:
+            folder = DiffusionPipeline.download(name, local_files_only=True)
+        except OSError:
+            folder = DiffusionPipeline.download(name)
+    except OSError as err:
+        raise TeacherNotAvailableError(
+            f"the teacher weights {name!r} are not available here ({str(err).splitlines()[0][:120]}): "
+            "download the Diffusers checkpoint where you have internet and pass its local directory as teacher_path"
+        ) from None
+    return Path(folder)
+
+
+def read_json(path: Path) -> dict:
+    """A JSON file's content; a broken file is a one-line error naming the file and the position."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is corrupt: not valid JSON at line {err.lineno}, column {err.colno} ({err.msg}); "
+                         "fix the file or re-download it") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is corrupt: not UTF-8 text (byte {err.start}); fix the file or re-download it") from None
+
+
+def check_weight_files(folder: Path) -> None:
+    """Open the header of every safetensors file in `folder`: a truncated or corrupt one is a one-line error."""
+    from safetensors import safe_open
+
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        try:
+            with safe_open(file, framework="pt"):
+                pass
+        except Exception as err:  # safetensors raises its own error type (or OSError) for a bad file
+            raise ValueError(f"teacher weight file {file} is corrupt or truncated ({str(err).splitlines()[0][:120]}): "
+                             "re-download it") from None
 
 
 def read_model_index(path: Path) -> dict:
     """Check that `path` is a diffusers Wan pipeline directory and return its model_index.json."""
-    index_path = path / "model_index.json"
+    index_path = Path(path) / "model_index.json"
     if not index_path.is_file():
         raise ValueError(f"{path} is not a diffusers pipeline directory (no model_index.json): "
                          "pass a Wan 2.x Diffusers checkpoint, e.g. a download of Wan-AI/Wan2.2-T2V-A14B-Diffusers")
-    try:
-        index = json.loads(index_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{index_path} is corrupt ({err}): re-download the checkpoint") from None
+    index = read_json(index_path)
     if not isinstance(index, dict) or not str(index.get("_class_name", "")).startswith("Wan"):
         found = index.get("_class_name") if isinstance(index, dict) else type(index).__name__
         raise ValueError(f"{path} holds a {found} pipeline, not a Wan pipeline: pass a Wan 2.x Diffusers checkpoint")
@@ -100,11 +197,97 @@ def read_model_index(path: Path) -> dict:
 
 def detect_variant(index: dict) -> str:
     """'a14b' (two experts switched by timestep), 'ti2v-5b' (per-token timesteps, 48 channels) or '2.1'."""
-    if index.get("boundary_ratio") is not None and index.get("transformer_2", [None])[0]:
+    if index.get("boundary_ratio") is not None and (index.get("transformer_2") or [None])[0]:
         return "a14b"
     if index.get("expand_timesteps"):
         return "ti2v-5b"
     return "2.1"
+
+
+def resolve_guidance(variant: str, guidance_scale: float | None = None,
+                     guidance_scale_2: float | None = None) -> tuple[float, float | None]:
+    """The (high-noise, low-noise) guidance scales, with WanPipeline's semantics.
+
+    Nothing given: Wan 2.2's reference scales (A14B 4.0 / 3.0; TI2V-5B and 2.1 5.0). Only `guidance_scale`: the
+    low-noise expert uses the same value, as WanPipeline does. CFG is skipped when guidance_scale <= 1
+    (`Teacher.uses_cfg`). `guidance_scale_2` exists for A14B only.
+    """
+    default, default_2 = DEFAULT_GUIDANCE[variant]
+    if variant != "a14b":
+        if guidance_scale_2 is not None:
+            raise ValueError(f"guidance_scale_2 is the low-noise expert's scale of Wan 2.2 A14B; this {variant} teacher "
+                             "has one expert: pass guidance_scale only")
+        return (default if guidance_scale is None else guidance_scale), None
+    if guidance_scale is None:
+        return default, (default_2 if guidance_scale_2 is None else guidance_scale_2)
+    return guidance_scale, (guidance_scale if guidance_scale_2 is None else guidance_scale_2)
+
+
+@dataclass(frozen=True)
+class TeacherInfo:
+    """What a teacher's config files say, read without loading any weights (`read_teacher_info`)."""
+
+    source: Path
+    index: dict
+    variant: str
+    guidance_scale: float
+    guidance_scale_2: float | None
+
+    @property
+    def expert_names(self) -> list[str]:
+        return ["transformer", "transformer_2"] if self.variant == "a14b" else ["transformer"]
+
+    def transformer_config(self, name: str = "transformer") -> dict:
+        return read_json(self.source / name / "config.json")
+
+    @property
+    def vae_scale_factor(self) -> int:
+        # WanPipeline.vae_scale_factor_spatial
+        return int(read_json(self.source / "vae" / "config.json").get("scale_factor_spatial", 8))
+
+    def fingerprint(self, dtype: str | torch.dtype = "float32") -> str:
+        return _fingerprint(self.source, self.variant, self.guidance_scale, self.guidance_scale_2, resolve_dtype(dtype))
+
+
+def read_teacher_info(path_or_id: str | Path = "tiny", guidance_scale: float | None = None,
+                      guidance_scale_2: float | None = None) -> TeacherInfo:
+    """Locate a teacher and read its model index and component configs (every JSON file is checked)."""
+    source = locate_teacher(path_or_id)
+    index = read_model_index(source)
+    for name in _components(index):
+        for file in sorted((source / name).glob("*.json")):
+            read_json(file)
+    variant = detect_variant(index)
+    g, g2 = resolve_guidance(variant, guidance_scale, guidance_scale_2)
+    return TeacherInfo(source, index, variant, g, g2)
+
+
+def _components(index: dict) -> list[str]:
+    return [name for name, value in index.items()
+            if not name.startswith("_") and isinstance(value, list) and len(value) == 2 and value[0]]
+
+
+def _file_digest(path: Path, sample: int = 1 << 16) -> str:
+    """Size plus the first and last 64 KiB: tells weights apart without reading 100+ GB."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(sample)
+        f.seek(max(size - sample, 0))
+        tail = f.read(sample)
+    return f"{size}:{hashlib.sha256(head + tail).hexdigest()}"
+
+
+def _fingerprint(source: Path, variant: str, guidance_scale, guidance_scale_2, dtype: torch.dtype) -> str:
+    """What makes a teacher's targets: every file of its components (sampled digests), variant, guidance, dtype."""
+    source = Path(source)
+    index = read_json(source / "model_index.json")
+    files = {}
+    for name in _components(index):
+        for file in sorted((source / name).rglob("*")):
+            if file.is_file() and not file.name.startswith("."):
+                files[str(file.relative_to(source))] = _file_digest(file)
+    raw = json.dumps([index, files, variant, guidance_scale, guidance_scale_2, str(dtype)], sort_keys=True)
+    return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
 @dataclass
@@ -174,7 +357,12 @@ class Teacher:
     def expert_for_timestep(self, t) -> str:
         """The expert WanPipeline uses at timestep t: t >= boundary -> high-noise `transformer`."""
         boundary = self.boundary_timestep
-        return "transformer" if boundary is None or float(t) >= boundary else "transformer_2"
+        name = "transformer" if boundary is None or float(t) >= boundary else "transformer_2"
+        if name not in self.expert_names:
+            # Never leave a sample unrouted (its output would be uninitialised memory).
+            raise RuntimeError(f"timestep {float(t):g} belongs to expert {name!r}, which this {self.variant} teacher "
+                               f"({self.source}) does not have: its model_index.json and experts disagree")
+        return name
 
     def split_by_expert(self, timesteps) -> list[tuple[str, torch.Tensor]]:
         """(expert name, indices of the samples it handles) for a batch of timesteps, in `expert_names` order."""
@@ -188,8 +376,21 @@ class Teacher:
             raise ValueError(f"unknown expert role {role!r}: use high_noise or low_noise")
         return EXPERT_ROLES[role] if self.variant == "a14b" else "transformer"
 
+    @property
+    def uses_cfg(self) -> bool:
+        """WanPipeline runs the unconditional pass only when guidance_scale > 1 (for both experts)."""
+        return self.guidance_scale > 1
+
     def guidance_for_expert(self, name: str) -> float:
+        """The expert's guidance scale; 1.0 (the conditional velocity) when CFG is off."""
+        if not self.uses_cfg:
+            return 1.0
         return self.guidance_scale_2 if name == "transformer_2" else self.guidance_scale
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies what this teacher's targets depend on (files, variant, guidance, dtype); see TeacherInfo."""
+        return _fingerprint(Path(self.source), self.variant, self.guidance_scale, self.guidance_scale_2, self.dtype)
 
     def latent_shape(self, batch_size: int, height: int, width: int) -> tuple[int, ...]:
         """Single-frame latent shape (B, C, 1, H/s, W/s) for an image of height x width pixels."""
@@ -207,6 +408,7 @@ class Teacher:
 
             if name not in self.expert_names:
                 raise ValueError(f"this {self.variant} teacher has no expert {name!r}: it has {self.expert_names}")
+            check_weight_files(Path(self.source) / name)
             with _quiet_dtype_deprecation():
                 module = WanTransformer3DModel.from_pretrained(self.source, subfolder=name, torch_dtype=self.dtype)
             module = module.to(self._module_device()).eval().requires_grad_(False)
@@ -312,8 +514,11 @@ class Teacher:
         """The teacher's velocity, each sample routed to the expert WanPipeline would use at its timestep.
 
         With `negative_prompt_embeds`, returns the guided velocity `v_u + g (v_c - v_u)` where g is `guidance`
-        or the chosen expert's own guidance scale; without, the conditional velocity.
+        or the chosen expert's own guidance scale (no unconditional pass when CFG is off, as in WanPipeline);
+        without, the conditional velocity.
         """
+        if guidance is None and not self.uses_cfg:
+            negative_prompt_embeds = None
         timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten().expand(latents.shape[0])
         out = torch.empty(latents.shape, dtype=torch.float32, device=latents.device)
         for name, idx in self.split_by_expert(timestep):
@@ -364,35 +569,38 @@ def load_teacher(
     """Load a Wan 2.x teacher with diffusers' WanPipeline.
 
     Parameters:
-        path_or_id: a local diffusers Wan directory, a hub id (e.g. "Wan-AI/Wan2.2-T2V-A14B-Diffusers"), or
-            the embedded tiny teacher: "tiny" (= "tiny-a14b"), "tiny-ti2v-5b", "tiny-2.1".
-        device_strategy: "auto", "cpu", "cuda", "gpu0" or "balanced" (accelerate device map over local GPUs).
-            Without a GPU every strategy falls back to the CPU with one warning.
+        path_or_id: a local diffusers Wan directory, a hub id (e.g. "Wan-AI/Wan2.2-T2V-A14B-Diffusers", read
+            from the Hugging Face cache like diffusers does), or the embedded tiny teacher: "tiny"
+            (= "tiny-a14b"), "tiny-ti2v-5b", "tiny-2.1".
+        device_strategy: "auto", "cpu", "cuda", "gpu0" or "balanced" (see `plan_teacher_device`; under torchrun
+            "cuda"/"auto" use cuda:LOCAL_RANK). Without a GPU every strategy falls back to the CPU with one warning.
         dtype: "float32", "float16" or "bfloat16".
         teacher_on_cpu: alias of device_strategy="cpu".
         load_experts: False defers loading the transformer experts (see `Teacher.only_expert`).
         cache_dir: where prompt embeddings are cached on disk (None: memory only).
-        guidance_scale, guidance_scale_2: CFG scales of the high- and low-noise experts (Wan's defaults).
+        guidance_scale, guidance_scale_2: CFG scales of the high- and low-noise experts. Neither: Wan 2.2's
+            reference scales (A14B 4.0 high-noise / 3.0 low-noise; TI2V-5B and 2.1 5.0). Only guidance_scale:
+            both experts use it (as WanPipeline does). guidance_scale <= 1 turns CFG off.
     """
     from diffusers import WanPipeline
 
-    source = resolve_teacher_path(path_or_id)
-    local = Path(source).expanduser()
-    if local.exists():
-        if not local.is_dir():
-            raise ValueError(f"teacher path {local} is a file: pass the diffusers pipeline directory that holds model_index.json")
-        index = read_model_index(local)
-        source = str(local.resolve())
-    elif source.startswith((".", "/", "~")) or source.count("/") != 1:
-        raise FileNotFoundError(f"teacher path {source} does not exist: pass a local Wan Diffusers directory, "
-                                "a hub id such as Wan-AI/Wan2.2-T2V-A14B-Diffusers, or 'tiny'")
-    else:
-        index = None
+    info = read_teacher_info(path_or_id, guidance_scale, guidance_scale_2)
     torch_dtype = resolve_dtype(dtype)
-    device = resolve_device_strategy(device_strategy, teacher_on_cpu)
+    plan = teacher_device_plan(device_strategy, teacher_on_cpu)
+    if not plan.loads_teacher:
+        raise ValueError(f"teacher device strategy 'gpu0' keeps one teacher on GPU 0 for all ranks of this machine and "
+                         f"local rank {local_ranks()[0]} must not load another copy: load it on local rank 0 only, or "
+                         "use 'cuda' for one teacher per rank")
+    source = str(info.source)
+    device = plan.device
     kwargs = {"torch_dtype": torch_dtype}
-    if not load_experts:
+    components = [name for name in _components(info.index) if name not in ("transformer", "transformer_2")]
+    if load_experts:
+        components += info.expert_names
+    else:
         kwargs.update(transformer=None, transformer_2=None)
+    for name in components:
+        check_weight_files(info.source / name)
     if device == "balanced":
         kwargs["device_map"] = "balanced"
     try:
@@ -400,8 +608,8 @@ def load_teacher(
             pipe = WanPipeline.from_pretrained(source, **kwargs)
     except OSError as err:
         raise TeacherNotAvailableError(
-            f"the teacher weights {source!r} are not available here ({str(err).splitlines()[0][:120]}): "
-            "download the Diffusers checkpoint where you have internet and pass its local directory as teacher_path"
+            f"the teacher weights in {source} cannot be loaded ({str(err).splitlines()[0][:120]}): the checkpoint is "
+            "incomplete; download it again and pass its local directory as teacher_path"
         ) from None
     if device != "balanced":
         pipe.to(device)
@@ -409,13 +617,10 @@ def load_teacher(
         module = getattr(pipe, name, None)
         if module is not None:
             module.eval().requires_grad_(False)
-    variant = detect_variant(index if index is not None else dict(pipe.config))
-    default_g, default_g2 = DEFAULT_GUIDANCE[variant]
     teacher = Teacher(
-        pipe=pipe, source=source, variant=variant, device=device, dtype=torch_dtype,
-        guidance_scale=default_g if guidance_scale is None else guidance_scale,
-        guidance_scale_2=(default_g2 if guidance_scale_2 is None else guidance_scale_2) if variant == "a14b" else None,
+        pipe=pipe, source=source, variant=info.variant, device=device, dtype=torch_dtype,
+        guidance_scale=info.guidance_scale, guidance_scale_2=info.guidance_scale_2,
         cache_dir=Path(cache_dir) if cache_dir else None,
     )
-    logger.info("loaded %s teacher from %s on %s (%s)", variant, source, device, torch_dtype)
+    logger.info("loaded %s teacher from %s on %s (%s)", info.variant, source, device, torch_dtype)
     return teacher
