@@ -117,7 +117,12 @@ def make_tiny_wan(path: str | Path, variant: str = "a14b", seed: int = 0, *, ove
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} already exists and is not empty: choose a new path or pass overwrite=True")
-    pipe = build_tiny_wan(variant, seed)
+    return write_pipeline(build_tiny_wan(variant, seed), path, overwrite=overwrite)
+
+
+def write_pipeline(pipe, path: str | Path, *, overwrite: bool = False) -> Path:
+    """`pipe.save_pretrained(path)`, atomically: built under a temporary name, then renamed into place."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:

@@ -22,8 +22,6 @@ import json
 import math
 import os
 import random
-import shutil
-import tempfile
 import time
 import zlib
 from pathlib import Path
@@ -34,6 +32,7 @@ from tqdm.auto import tqdm
 
 from . import shapes, text_padding
 from .data import _atomic_save
+from .toy import write_pipeline
 
 TOY_WORLD_PATH = Path(__file__).resolve().parent.parent / "data" / "toy_world"
 TEXT_LENGTH = 512  # WanPipeline's max_sequence_length: the text the experts see at sampling time
@@ -46,9 +45,10 @@ class ToyWorldRecipe:
 
     seed: int = 0
     # VAE
-    vae_steps: int = 1200
+    vae_steps: int = 2000
     vae_images: int = 10
     vae_clips: int = 2
+    vae_clip_every: int = 4  # clips cost as much as 10 frames: every 4th step, as for the transformer
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
     # cached training latents
@@ -70,7 +70,7 @@ class ToyWorldRecipe:
     # decoder fine-tune on noisy latents (encoder frozen, so the experts' latents stay valid)
     decoder_steps: int = 400
     decoder_lr: float = 3e-4
-    decoder_noise: float = 0.1  # latent noise, in units of each channel's std
+    decoder_noise: float = 0.05  # latent noise, in units of each channel's std
     checkpoint_every: int = 250
     eval_every: int = 2000  # alignment of the EMA model on the held-out prompts, logged
     # architecture
@@ -173,45 +173,100 @@ def _cosine(step: int, total: int, warmup: int, floor: float = 0.1) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+# ------------------------------------------------------------------------------------------ the training loop
+
+
+def _finished(work: Path, stage: str, modules: dict) -> bool:
+    """Load a stage's final weights into `modules` when the stage already finished."""
+    done = work / f"{stage}.safetensors"
+    if done.exists():
+        _load_state(done, modules)
+    return done.exists()
+
+
+def _run_stage(work: Path, stage: str, modules: dict, optimizer, step_loss, *, steps: int, warmup: int, floor: float,
+               recipe: ToyWorldRecipe, progress: bool, after_step=None) -> None:
+    """Every stage's loop: resume from `<stage>_state`, then AdamW steps on `step_loss(step)` with gradient
+    clipping and warmup + cosine, logging every 25 steps and checkpointing `modules` + optimiser.
+
+    Each step's data and noise are a function of (seed, stage, step), so a resumed run is the uninterrupted one.
+    """
+    state = work / f"{stage}_state.safetensors"
+    start = _load_state(state, modules, optimizer) if state.exists() else 0
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, steps, warmup, floor), last_epoch=start - 1)
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    bar = tqdm(range(start, steps), desc=f"toy world: {stage}", disable=not progress, initial=start, total=steps)
+    smooth = None
+    for step in bar:
+        loss = step_loss(step)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        sched.step()
+        if after_step is not None:
+            after_step(step)
+        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{smooth:.4f}")
+        if step % 25 == 0:
+            _log(work, {"stage": stage, "step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
+        if (step + 1) % recipe.checkpoint_every == 0:
+            _save_state(state, modules, optimizer, step + 1)
+
+
+def _reconstruction_loss(decoded: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """MSE + L1: the L1 term keeps corners and edges sharp, which the shape scorer needs."""
+    return F.mse_loss(decoded, target) + F.l1_loss(decoded, target)
+
+
+def _vae_batches(recipe: ToyWorldRecipe, step: int) -> list[tuple[int, int]]:
+    """(count, frames) rendered at `step`: single frames every step, 5-frame clips every `vae_clip_every`-th."""
+    batches = [(recipe.vae_images, 1)]
+    if step % recipe.vae_clip_every == recipe.vae_clip_every - 1:
+        batches.append((recipe.vae_clips, shapes.NUM_FRAMES))
+    return batches
+
+
+@torch.no_grad()
+def reconstruction_alignment(vae, count: int = 96, seed: int = 0):
+    """How many shapes survive encode + decode (posterior mean), scored like generated images."""
+    from .alignment import alignment
+
+    x, captions = shapes.sample_batch(random.Random(f"reconstruction-{seed}"), count, 1)
+    decoded = vae.decode(vae.encode(x).latent_dist.mean).sample
+    return alignment(list(decoded[:, :, 0]), captions)
+
+
+def _step_generators(recipe: ToyWorldRecipe, stage: str, step: int) -> tuple[random.Random, torch.Generator]:
+    return random.Random(f"{stage}-{recipe.seed}-{step}"), torch.Generator().manual_seed(_seed(recipe.seed, stage, step))
+
+
 # -------------------------------------------------------------------------------------------------- 1. VAE
 
 
 def train_vae(work: Path, recipe: ToyWorldRecipe, progress: bool = True):
     """Reconstruction + small KL on fresh renders every step (frames and 5-frame clips)."""
-    done = work / "vae.safetensors"
     vae = build_vae()
-    if done.exists():
-        _load_state(done, {"vae": vae})
+    if _finished(work, "vae", {"vae": vae}):
         return vae.eval()
-    state = work / "vae_state.safetensors"
-    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
-    start = _load_state(state, {"vae": vae}, optimizer) if state.exists() else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, recipe.vae_steps, 50, 0.02),
-                                              last_epoch=start - 1)
-    vae.train()
-    bar = tqdm(range(start, recipe.vae_steps), desc="toy world: VAE", disable=not progress, initial=start,
-               total=recipe.vae_steps)
-    for step in bar:
-        rng = random.Random(f"vae-{recipe.seed}-{step}")
-        generator = torch.Generator().manual_seed(_seed(recipe.seed, "vae", step))
+
+    def step_loss(step):
+        rng, generator = _step_generators(recipe, "vae", step)
         loss = 0.0
-        for count, frames in ((recipe.vae_images, 1), (recipe.vae_clips, shapes.NUM_FRAMES)):
+        for count, frames in _vae_batches(recipe, step):
             x, _ = shapes.sample_batch(rng, count, frames)
             posterior = vae.encode(x).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
-            recon = vae.decode(z).sample
-            loss = loss + F.mse_loss(recon, x) + recipe.kl_weight * posterior.kl().mean() / z[0].numel()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
-        optimizer.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % 25 == 0:
-            _log(work, {"stage": "vae", "step": step, "loss": loss.item()})
-        if (step + 1) % recipe.checkpoint_every == 0:
-            _save_state(state, {"vae": vae}, optimizer, step + 1)
-    _save_state(done, {"vae": vae.eval()})
+            loss = loss + _reconstruction_loss(vae.decode(z).sample, x) \
+                + recipe.kl_weight * posterior.kl().mean() / z[0].numel()
+        return loss
+
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=recipe.vae_lr, weight_decay=0.0)
+    vae.train()
+    _run_stage(work, "vae", {"vae": vae}, optimizer, step_loss, steps=recipe.vae_steps, warmup=50, floor=0.02,
+               recipe=recipe, progress=progress)
+    _save_state(work / "vae.safetensors", {"vae": vae.eval()})
+    _log(work, {"stage": "vae", "reconstruction": reconstruction_alignment(vae).as_row()})
     return vae
 
 
@@ -221,45 +276,28 @@ def finetune_decoder(work: Path, vae, recipe: ToyWorldRecipe, progress: bool = T
     The encoder is frozen, so latents cached for the experts stay valid. Sampled latents are never exactly a
     clean encoding; a decoder that saw only clean ones turns small errors into dented shapes.
     """
-    done = work / "decoder.safetensors"
-    if done.exists():
-        _load_state(done, {"vae": vae})
+    if _finished(work, "decoder", {"vae": vae}):
         return vae.eval()
-    state = work / "decoder_state.safetensors"
-    vae.requires_grad_(False)
-    vae.decoder.requires_grad_(True)
-    vae.post_quant_conv.requires_grad_(True)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=recipe.decoder_lr, weight_decay=0.0)
-    start = _load_state(state, {"vae": vae}, optimizer) if state.exists() else 0
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, recipe.decoder_steps, 20, 0.05),
-                                              last_epoch=start - 1)
     std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
-    vae.decoder.train()
-    bar = tqdm(range(start, recipe.decoder_steps), desc="toy world: decoder", disable=not progress, initial=start,
-               total=recipe.decoder_steps)
-    for step in bar:
-        rng = random.Random(f"decoder-{recipe.seed}-{step}")
-        generator = torch.Generator().manual_seed(_seed(recipe.seed, "decoder", step))
+
+    def step_loss(step):
+        rng, generator = _step_generators(recipe, "decoder", step)
         loss = 0.0
-        for count, frames in ((recipe.vae_images, 1), (recipe.vae_clips, shapes.NUM_FRAMES)):
+        for count, frames in _vae_batches(recipe, step):
             x, _ = shapes.sample_batch(rng, count, frames)
             with torch.no_grad():
                 mu = vae.encode(x).latent_dist.mean
             z = mu + recipe.decoder_noise * std * torch.randn(mu.shape, generator=generator)
-            loss = loss + F.mse_loss(vae.decode(z).sample, x)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        sched.step()
-        bar.set_postfix(loss=f"{loss.item():.4f}")
-        if step % 25 == 0:
-            _log(work, {"stage": "decoder", "step": step, "loss": loss.item()})
-        if (step + 1) % recipe.checkpoint_every == 0:
-            _save_state(state, {"vae": vae}, optimizer, step + 1)
-    vae.requires_grad_(True)
-    _save_state(done, {"vae": vae.eval()})
+            loss = loss + _reconstruction_loss(vae.decode(z).sample, x)
+        return loss
+
+    trainable = [*vae.decoder.parameters(), *vae.post_quant_conv.parameters()]
+    optimizer = torch.optim.AdamW(trainable, lr=recipe.decoder_lr, weight_decay=0.0)
+    vae.decoder.train()
+    _run_stage(work, "decoder", {"vae": vae}, optimizer, step_loss, steps=recipe.decoder_steps, warmup=20,
+               floor=0.05, recipe=recipe, progress=progress)
+    _save_state(work / "decoder.safetensors", {"vae": vae.eval()})
+    _log(work, {"stage": "decoder", "reconstruction": reconstruction_alignment(vae).as_row()})
     return vae
 
 
@@ -344,64 +382,46 @@ def _training_batch(data: dict, step: int, recipe: ToyWorldRecipe, generator) ->
 def train_transformer(work: Path, stage: str, data: dict, recipe: ToyWorldRecipe, init: dict | None,
                       vocab_size: int, progress: bool = True, evaluate=None) -> dict:
     """One training stage; returns the EMA weights {'transformer': state_dict, 'text_encoder': state_dict}."""
-    done = work / f"{stage}.safetensors"
-    transformer, text_encoder = build_transformer(recipe), build_text_encoder(vocab_size, recipe)
-    ema_t, ema_e = build_transformer(recipe), build_text_encoder(vocab_size, recipe)
-    modules = {"transformer": ema_t, "text_encoder": ema_e}
-    if done.exists():
-        _load_state(done, modules)
-        return {k: m.state_dict() for k, m in modules.items()}
-    if init is not None:
-        for module in (transformer, ema_t):
-            module.load_state_dict(init["transformer"])
-        for module in (text_encoder, ema_e):
-            module.load_state_dict(init["text_encoder"])
-    else:
-        ema_t.load_state_dict(transformer.state_dict())
-        ema_e.load_state_dict(text_encoder.state_dict())
+    ema = {"transformer": build_transformer(recipe), "text_encoder": build_text_encoder(vocab_size, recipe)}
+    if _finished(work, stage, ema):
+        return {k: m.state_dict() for k, m in ema.items()}
+    live = {"transformer": build_transformer(recipe), "text_encoder": build_text_encoder(vocab_size, recipe)}
+    for name in live:  # the live model and its EMA start equal (the shared model's weights for an expert)
+        if init is not None:
+            live[name].load_state_dict(init[name])
+        ema[name].load_state_dict(live[name].state_dict())
+    transformer, text_encoder = live["transformer"], live["text_encoder"]
     train_text = stage == "shared"  # the experts share the text encoder, so it is frozen once they split
-    text_encoder.requires_grad_(train_text)
-    params = list(transformer.parameters()) + (list(text_encoder.parameters()) if train_text else [])
-    steps, lr = (recipe.shared_steps, recipe.lr) if stage == "shared" else (recipe.expert_steps, recipe.expert_lr)
-    optimizer = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=recipe.weight_decay)
-    state = work / f"{stage}_state.safetensors"
-    all_modules = {"transformer": transformer, "text_encoder": text_encoder, "ema_transformer": ema_t,
-                   "ema_text_encoder": ema_e}
-    start = _load_state(state, all_modules, optimizer) if state.exists() else 0
-    warmup = recipe.warmup_steps if stage == "shared" else 50
-    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _cosine(s, steps, warmup), last_epoch=start - 1)
-    processor = text_padding.install(transformer.blocks)
-    ema_params = list(ema_t.parameters()) + list(ema_e.parameters())
-    live_params = list(transformer.parameters()) + list(text_encoder.parameters())
+    text_encoder.requires_grad_(train_text).train(train_text)
     transformer.train()
-    text_encoder.train(train_text)
-    bar = tqdm(range(start, steps), desc=f"toy world: {stage}", disable=not progress, initial=start, total=steps)
-    smooth = None
-    for step in bar:
-        generator = torch.Generator().manual_seed(_seed(recipe.seed, stage, step))
+    processor = text_padding.install(transformer.blocks)
+
+    def step_loss(step):
+        _, generator = _step_generators(recipe, stage, step)
         latents, ids = _training_batch(data, step, recipe, generator)
         x_t, timesteps, target = flow_batch(latents, _sigma_range(stage), recipe.flow_shift, generator)
         with torch.set_grad_enabled(train_text):
             text = encode_text(text_encoder, ids, processor)
         pred = transformer(x_t, timestep=timesteps, encoder_hidden_states=text, return_dict=False)[0]
-        loss = F.mse_loss(pred, target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        sched.step()
+        return F.mse_loss(pred, target)
+
+    ema_params = [p for m in ema.values() for p in m.parameters()]
+    live_params = [p for m in live.values() for p in m.parameters()]
+
+    def after_step(step):
         with torch.no_grad():
             torch._foreach_lerp_(ema_params, live_params, 1 - recipe.ema_decay)
-        smooth = loss.item() if smooth is None else 0.98 * smooth + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{smooth:.4f}")
-        if step % 25 == 0:
-            _log(work, {"stage": stage, "step": step, "loss": loss.item(), "lr": sched.get_last_lr()[0]})
-        if (step + 1) % recipe.checkpoint_every == 0:
-            _save_state(state, all_modules, optimizer, step + 1)
         if evaluate is not None and (step + 1) % recipe.eval_every == 0:
-            _log(work, {"stage": stage, "step": step + 1, **evaluate(ema_t, ema_e).as_row()})
-    _save_state(done, modules)
-    return {k: m.state_dict() for k, m in modules.items()}
+            _log(work, {"stage": stage, "step": step + 1, **evaluate(ema["transformer"], ema["text_encoder"]).as_row()})
+
+    trained = [*transformer.parameters(), *(text_encoder.parameters() if train_text else [])]
+    steps, lr = (recipe.shared_steps, recipe.lr) if stage == "shared" else (recipe.expert_steps, recipe.expert_lr)
+    optimizer = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.99), weight_decay=recipe.weight_decay)
+    modules = {**live, **{f"ema_{name}": module for name, module in ema.items()}}
+    _run_stage(work, stage, modules, optimizer, step_loss, steps=steps, floor=0.1, recipe=recipe, progress=progress,
+               warmup=recipe.warmup_steps if stage == "shared" else 50, after_step=after_step)
+    _save_state(work / f"{stage}.safetensors", ema)
+    return {k: m.state_dict() for k, m in ema.items()}
 
 
 # ------------------------------------------------------------------------------------------ 5. the pipeline
@@ -419,20 +439,6 @@ def assemble_pipeline(vae, tokenizer, experts: dict[str, dict], recipe: ToyWorld
     return WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=vae.eval(),
                        scheduler=build_scheduler(recipe), transformer=high, transformer_2=low,
                        boundary_ratio=BOUNDARY_RATIO)
-
-
-def save_pipeline_atomically(pipe, path: Path, overwrite: bool) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
-        pipe.save_pretrained(tmp, safe_serialization=True)
-        if overwrite and path.exists():
-            shutil.rmtree(path)
-        os.rename(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
 
 
 def make_toy_world(path: str | Path, recipe: ToyWorldRecipe | None = None, *, work_dir: str | Path | None = None,
@@ -473,7 +479,7 @@ def make_toy_world(path: str | Path, recipe: ToyWorldRecipe | None = None, *, wo
     pipe = assemble_pipeline(vae, tokenizer, experts, recipe)
     _log(work, {"stage": "final", **teacher_alignment(pipe, progress=False).as_row()})
     _log(work, {"stage": "done", "seconds": time.time() - started})
-    return save_pipeline_atomically(pipe, path, overwrite)
+    return write_pipeline(pipe, path, overwrite=overwrite)
 
 
 @torch.no_grad()
