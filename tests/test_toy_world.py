@@ -61,8 +61,10 @@ def test_captions_round_trip_and_bad_captions_are_refused():
         scene = shapes.Scene("circle", "red", "blue", motion)
         assert shapes.parse_caption(scene.caption).combination == scene.combination
         assert shapes.parse_caption(scene.caption).motion == motion
+        assert shapes.is_caption(scene.caption)
     with pytest.raises(ValueError, match="not a toy-world caption"):
         shapes.parse_caption("a purple hexagon")
+    assert not shapes.is_caption("a purple hexagon") and not shapes.is_caption("a red fox in the snow")
 
 
 def test_held_out_combinations_are_never_trained_yet_every_part_is():

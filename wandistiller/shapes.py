@@ -55,6 +55,11 @@ class Scene:
         return (self.shape, self.colour, self.background)
 
 
+def is_caption(text: str) -> bool:
+    """Whether `text` is a toy-world caption (`parse_caption` reads it)."""
+    return _CAPTION.match(text.strip().lower()) is not None
+
+
 def parse_caption(caption: str) -> Scene:
     """The scene a caption describes (position and size are not part of a caption)."""
     match = _CAPTION.match(caption.strip().lower())

@@ -55,10 +55,10 @@ class ToyWorldRecipe:
     num_images: int = 24576
     num_clips: int = 3072
     # transformer + text encoder
-    shared_steps: int = 9000
-    expert_steps: int = 1000
-    batch_images: int = 64
-    batch_clips: int = 32
+    shared_steps: int = 7000
+    expert_steps: int = 600
+    batch_images: int = 128  # 1.5x the time of 64 per step on 2 cores: more samples per second
+    batch_clips: int = 64
     clip_every: int = 4
     lr: float = 6e-4
     expert_lr: float = 2e-4
