@@ -7,7 +7,7 @@ import torch
 
 from wandistiller import shapes, text_padding
 from wandistiller import toy_world as tw
-from wandistiller.alignment import alignment, describe_image, score_image
+from wandistiller.alignment import alignment, describe_image, describe_motion, score_image
 
 
 def _still(shape, colour, background, size=32, x=30.0, y=34.0):
@@ -25,6 +25,17 @@ def test_scorer_reads_random_training_scenes_and_moving_frames():
     clips, captions = shapes.sample_batch(random.Random(3), 48, num_frames=shapes.NUM_FRAMES)
     for frame in range(shapes.NUM_FRAMES):
         assert alignment([c[:, frame] for c in clips], captions).all_correct == 1.0
+
+
+def test_motion_is_read_from_the_first_and_last_frame():
+    clips, captions = shapes.sample_batch(random.Random(4), 60, num_frames=shapes.NUM_FRAMES)
+    for clip, caption in zip(clips, captions):
+        frames = [clip[:, f] for f in range(shapes.NUM_FRAMES)]
+        assert describe_motion(frames) == shapes.parse_caption(caption).motion, caption
+        if shapes.parse_caption(caption).motion != "still":  # played backwards it moves the other way
+            assert describe_motion(frames[::-1]) != shapes.parse_caption(caption).motion
+    blank = torch.full((3, 64, 64), -1.0)
+    assert describe_motion([blank, blank]) is None
 
 
 @pytest.mark.parametrize("wrong, attribute", [
@@ -150,6 +161,12 @@ def test_make_toy_world_writes_a_wan_pipeline_and_resumes_bit_for_bit(tmp_path):
     vae = teacher.pipe.vae.config
     assert vae.latents_std != [1.0] * 16 and len(vae.latents_mean) == 16
     work = tmp_path / "world.work"
+    import json
+
+    records = [json.loads(line) for line in (work / "log.jsonl").read_text().splitlines()]
+    final = next(r for r in records if r["stage"] == "final")
+    assert {"all-correct", "shape", "motion"} <= final.keys() and 0 <= final["motion"] <= 1
+    assert [r["stage"] for r in records if "reconstruction" in r] == ["vae", "decoder"]
     trained_vae, tuned_vae = load_file(work / "vae.safetensors"), load_file(work / "decoder.safetensors")
     assert all(torch.equal(trained_vae[k], tuned_vae[k]) for k in trained_vae if ".encoder." in k or "quant_conv" in k
                and "post_quant" not in k)  # the experts' latents stay valid

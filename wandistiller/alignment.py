@@ -35,18 +35,23 @@ def _nearest_colour(rgb: np.ndarray) -> str:
     return _NAMES[int(np.argmin(((_PALETTE - rgb) ** 2).sum(-1)))]
 
 
-def describe_image(image) -> dict[str, str | None]:
-    """What the picture shows: {'background', 'colour', 'shape'} (None where nothing shape-like is found)."""
-    rgb = _as_rgb_array(image)
+def _shape_pixels(rgb: np.ndarray) -> tuple[str, str | None, np.ndarray | None]:
+    """(background, shape colour, mask of the pixels nearer the shape's colour than the background's)."""
     border = np.concatenate([rgb[0], rgb[-1], rgb[:, 0], rgb[:, -1]])
     background = _nearest_colour(np.median(border, axis=0))
     off = np.linalg.norm(rgb - PALETTE[background], axis=-1) > OFF_BACKGROUND
     if off.sum() < MIN_SHAPE_PIXELS:
-        return {"background": background, "colour": None, "shape": None}
+        return background, None, None
     colour = _nearest_colour(np.median(rgb[off], axis=0))
-    # The shape is what is nearer its own colour than the background's; rows/columns with a stray pixel or
-    # two do not stretch its bounding box.
-    near_shape = (((rgb - PALETTE[colour]) ** 2).sum(-1) < ((rgb - PALETTE[background]) ** 2).sum(-1))
+    return background, colour, ((rgb - PALETTE[colour]) ** 2).sum(-1) < ((rgb - PALETTE[background]) ** 2).sum(-1)
+
+
+def describe_image(image) -> dict[str, str | None]:
+    """What the picture shows: {'background', 'colour', 'shape'} (None where nothing shape-like is found)."""
+    background, colour, near_shape = _shape_pixels(_as_rgb_array(image))
+    if near_shape is None:
+        return {"background": background, "colour": None, "shape": None}
+    # Rows/columns with a stray pixel or two do not stretch the shape's bounding box.
     rows, cols = np.nonzero(near_shape.sum(1) >= 2)[0], np.nonzero(near_shape.sum(0) >= 2)[0]
     if len(rows) == 0 or len(cols) == 0:
         return {"background": background, "colour": colour, "shape": None}
@@ -54,6 +59,27 @@ def describe_image(image) -> dict[str, str | None]:
     fill = box.mean()
     shape = "square" if fill >= SQUARE_MIN_FILL else "circle" if fill >= CIRCLE_MIN_FILL else "triangle"
     return {"background": background, "colour": colour, "shape": shape}
+
+
+MIN_MOTION = 4.0  # pixels the shape's centre must travel over a clip to count as moving (shapes move 8-16)
+
+
+def describe_motion(frames) -> str | None:
+    """Which way the shape moves from the first to the last frame: left/right/up/down, 'still', or None when
+    either frame shows no shape. `frames`: the clip's frames, each as `describe_image` takes them."""
+    centres = []
+    for frame in (frames[0], frames[-1]):
+        _, _, mask = _shape_pixels(_as_rgb_array(frame))
+        if mask is None:
+            return None
+        ys, xs = np.nonzero(mask)
+        centres.append(np.array([xs.mean(), ys.mean()]))
+    dx, dy = centres[1] - centres[0]
+    if max(abs(dx), abs(dy)) < MIN_MOTION:
+        return "still"
+    if abs(dx) >= abs(dy):
+        return "right" if dx > 0 else "left"
+    return "down" if dy > 0 else "up"
 
 
 def score_image(image, prompt: str) -> dict[str, bool]:

@@ -477,7 +477,7 @@ def make_toy_world(path: str | Path, recipe: ToyWorldRecipe | None = None, *, wo
                for stage in ("high_noise", "low_noise")}
     vae = finetune_decoder(work, vae, recipe, progress)
     pipe = assemble_pipeline(vae, tokenizer, experts, recipe)
-    _log(work, {"stage": "final", **teacher_alignment(pipe, progress=False).as_row()})
+    _log(work, {"stage": "final", **teacher_alignment(pipe, progress=False).as_row(), "motion": teacher_motion(pipe)})
     _log(work, {"stage": "done", "seconds": time.time() - started})
     return write_pipeline(pipe, path, overwrite=overwrite)
 
@@ -495,6 +495,22 @@ def teacher_alignment(pipe, prompts: list[str] | None = None, *, num_inference_s
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, generator=generator,
                   output_type="pt").frames  # (B, T, 3, H, W) in [0, 1]
     return alignment([f[0] * 2 - 1 for f in frames], prompts)
+
+
+@torch.no_grad()
+def teacher_motion(pipe, *, num_inference_steps: int = 30, guidance_scale: float = 5.0, seed: int = 0) -> float:
+    """Fraction of 5-frame clips whose shape moves the way the prompt says (held-out combinations, each
+    given one of the four directions in turn), read from pixels by `alignment.describe_motion`."""
+    from .alignment import describe_motion
+
+    moving = [shapes.MOTIONS[i % 4] for i in range(len(shapes.held_out_combinations()))]
+    prompts = [dataclasses.replace(shapes.parse_caption(p), motion=m).caption
+               for p, m in zip(shapes.held_out_prompts(), moving)]
+    pipe.set_progress_bar_config(disable=True)
+    clips = pipe(prompt=prompts, height=shapes.IMAGE_SIZE, width=shapes.IMAGE_SIZE, num_frames=shapes.NUM_FRAMES,
+                 num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                 generator=torch.Generator().manual_seed(seed), output_type="pt").frames  # (B, T, 3, H, W)
+    return sum(describe_motion(list(clip * 2 - 1)) == m for clip, m in zip(clips, moving)) / len(prompts)
 
 
 def toy_world_path() -> Path:
