@@ -38,3 +38,20 @@ def test_console_script_help():
 def test_ci_runs_the_readme_test_command():
     assert "make test" in (ROOT / "README.md").read_text()
     assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_configs_prompts_and_notebooks_ship_inside_the_package():
+    from fnmatch import fnmatch
+
+    from wandistiller.data import DEFAULT_PROMPTS_PATH, packaged_file
+
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    shipped = [f"assets/{folder}/{path.name}" for folder, pattern in
+               (("config", "*.json"), ("data", "*.txt"), ("notebooks", "*.ipynb"))
+               for path in sorted((ROOT / folder).glob(pattern))]
+    assert len(shipped) >= 8
+    for name in shipped:
+        assert any(fnmatch(name, pattern) for pattern in package_data["wandistiller"]), f"{name} is not package data"
+        # found through importlib.resources, and it is the repository's own file (not a copy that could drift)
+        assert packaged_file(*name.split("/")[1:]).samefile(ROOT / name.split("/", 1)[1])
+    assert DEFAULT_PROMPTS_PATH.samefile(ROOT / "data" / "static_prompts.txt")

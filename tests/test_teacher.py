@@ -270,3 +270,16 @@ def test_broken_teacher_files_are_named(tmp_path):
     config.write_text('{\n  "base_dim": 4,\n  "z_dim" 16\n}')
     with pytest.raises(ValueError, match=f"{config} is corrupt: not valid JSON at line 3, column 11"):
         load_teacher(broken, device_strategy="cpu", load_experts=False)
+
+
+def test_the_tiny_teacher_is_rebuilt_when_its_prompts_change(tmp_path, monkeypatch):
+    import wandistiller.toy
+
+    before = tiny_wan_path("2.1")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a zebracorn grazing on a hill\n", encoding="utf-8")
+    monkeypatch.setattr(wandistiller.toy, "DEFAULT_PROMPTS_PATH", prompts)
+    after = tiny_wan_path("2.1")
+    assert after != before and (before / "model_index.json").is_file()
+    vocabulary = load_teacher(after, device_strategy="cpu", load_experts=False).pipe.tokenizer.get_vocab()
+    assert "▁zebracorn" in vocabulary

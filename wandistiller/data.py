@@ -6,12 +6,20 @@ import hashlib
 import json
 import os
 from dataclasses import asdict, dataclass
+from importlib import resources
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-DEFAULT_PROMPTS_PATH = Path(__file__).resolve().parent.parent / "data" / "static_prompts.txt"
+
+def packaged_file(*parts: str) -> Path:
+    """A file shipped inside the package: `packaged_file("config", "student_config.json")`, `("data", ...)` or
+    `("notebooks", ...)` - the repository's folders of those names, found in any install (importlib.resources)."""
+    return Path(str(resources.files(__package__).joinpath("assets", *parts))).resolve()
+
+
+DEFAULT_PROMPTS_PATH = packaged_file("data", "static_prompts.txt")
 
 
 def read_prompts(path: str | Path = DEFAULT_PROMPTS_PATH) -> list[str]:

@@ -8,6 +8,7 @@ loads in a fraction of a second, so every code path a real checkpoint takes is e
 from __future__ import annotations
 
 import collections
+import hashlib
 import math
 import os
 import re
@@ -108,7 +109,8 @@ def build_tiny_wan(variant: str = "a14b", seed: int = 0, prompts_path: str | Pat
     )
 
 
-def make_tiny_wan(path: str | Path, variant: str = "a14b", seed: int = 0, *, overwrite: bool = False) -> Path:
+def make_tiny_wan(path: str | Path, variant: str = "a14b", seed: int = 0, *, overwrite: bool = False,
+                  prompts_path: str | Path = DEFAULT_PROMPTS_PATH) -> Path:
     """Write a tiny Wan pipeline directory that `WanPipeline.from_pretrained(path)` loads offline.
 
     The directory appears atomically (built under a temporary name, then renamed), so an interrupted build
@@ -117,7 +119,7 @@ def make_tiny_wan(path: str | Path, variant: str = "a14b", seed: int = 0, *, ove
     path = Path(path)
     if path.exists() and any(path.iterdir()) and not overwrite:
         raise FileExistsError(f"{path} already exists and is not empty: choose a new path or pass overwrite=True")
-    return write_pipeline(build_tiny_wan(variant, seed), path, overwrite=overwrite)
+    return write_pipeline(build_tiny_wan(variant, seed, prompts_path), path, overwrite=overwrite)
 
 
 def write_pipeline(pipe, path: str | Path, *, overwrite: bool = False) -> Path:
@@ -145,11 +147,17 @@ def cache_home() -> Path:
 
 
 def tiny_wan_path(variant: str = "a14b", seed: int = 0) -> Path:
-    """The embedded tiny teacher's directory, built on first use (safe when several ranks race to build it)."""
-    path = cache_home() / f"tiny-wan-{variant}-seed{seed}"
+    """The embedded tiny teacher's directory, built on first use (safe when several ranks race to build it).
+
+    Its tokenizer is made from the packaged prompts, so the directory is named by their digest too: edited
+    prompts get a teacher of their own instead of a stale one.
+    """
+    prompts_path = DEFAULT_PROMPTS_PATH
+    digest = hashlib.sha256("\n".join(read_prompts(prompts_path)).encode()).hexdigest()[:12]
+    path = cache_home() / f"tiny-wan-{variant}-seed{seed}" / f"prompts-{digest}"
     if not (path / "model_index.json").is_file():
         try:
-            make_tiny_wan(path, variant, seed)
+            make_tiny_wan(path, variant, seed, prompts_path=prompts_path)
         except FileExistsError:
             if not (path / "model_index.json").is_file():
                 raise
