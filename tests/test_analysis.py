@@ -151,7 +151,8 @@ def test_initial_errors_rank_methods(tiny_teacher):
     assert exact.means()["importance"] < 1e-9 < 0.1 < exact.means()["random"]
     assert len(exact.errors["random"]) == 2  # one per random initialisation and seed
     small = wi.initial_errors(tiny_teacher, SMALL, seeds=2)
-    assert list(small.errors) == list(wi.INIT_METHODS) and small.t_range == (20.0, 874.0)
+    # the projected low-noise expert's whole range, as WanPipeline routes timesteps (see test_flow)
+    assert list(small.errors) == list(wi.INIT_METHODS) and small.t_range == (0.0, 875.0)
     means = small.means()
     assert means["importance"] < min(means["truncate"], means["random"])
     text = str(small)
@@ -176,10 +177,3 @@ def test_projection_figures_show_what_was_kept(tiny_teacher):
     _, uniform = project(tiny_teacher, SMALL, width="truncate")
     with pytest.raises(ValueError, match="measured no importance"):
         wi.importance_figure(uniform)
-
-
-def test_table_formats_numbers():
-    table = wi.Table(("name", "count", "value"), [("a", 1234567, 0.123456), ("bb", 2, None)], "title")
-    lines = str(table).splitlines()
-    assert lines[0] == "title" and "1,234,567" in lines[3] and "0.1235" in lines[3] and lines[4].endswith("-")
-    assert table.column("count") == [1234567, 2]

@@ -247,3 +247,13 @@ def test_meta_plan_a14b_expert_to_default_student(width):
     assert report.student_parameters == sum(math.prod(shape) for shape in student_shapes.values())
     print(f"A14B expert {teacher_params:,} -> default student {report.student_parameters:,} parameters "
           f"({report.student_parameters / teacher_params:.2%})")
+
+
+def test_projection_computes_and_leaves_drawing_to_viz():
+    # Training imports projection; the report's text and HTML (and every figure) come from viz, on demand.
+    import subprocess
+    import sys
+
+    code = "import sys, wandistiller.projection; print('matplotlib' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

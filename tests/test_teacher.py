@@ -272,6 +272,54 @@ def test_broken_teacher_files_are_named(tmp_path):
         load_teacher(broken, device_strategy="cpu", load_experts=False)
 
 
+def test_expert_velocities_are_one_experts_conditional_and_unconditional_passes(tiny_teacher):
+    teacher = tiny_teacher
+    embeds, negative = teacher.encode_prompts(PROMPTS, negative="")
+    latents = torch.randn(teacher.latent_shape(2, 32, 32), generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([300.0, 500.0])
+    blocks = teacher.pipe.transformer_2.blocks
+    seen = []
+    hooks = [block.register_forward_hook(lambda m, a, out: seen.append(out.clone())) for block in blocks]
+    try:
+        out = teacher.expert_velocities("transformer_2", latents, t, embeds, negative, capture_blocks=True)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    cond = teacher.expert_velocity("transformer_2", latents, t, embeds)
+    torch.testing.assert_close(out.v_cond, cond, rtol=0, atol=0)
+    torch.testing.assert_close(out.v_uncond, teacher.expert_velocity("transformer_2", latents, t, negative),
+                               rtol=0, atol=0)
+    # the block outputs are those of the conditional pass (the first len(blocks) seen), and no hook stays behind
+    assert len(out.blocks) == len(blocks) and not any(block._forward_hooks for block in blocks)
+    for captured, expected in zip(out.blocks, seen[:len(blocks)]):
+        torch.testing.assert_close(captured, expected, rtol=0, atol=0)
+    # without negative embeddings there is no unconditional pass: v_uncond is v_cond
+    alone = teacher.expert_velocities("transformer_2", latents, t, embeds)
+    assert alone.v_uncond is alone.v_cond and alone.blocks is None
+    torch.testing.assert_close(alone.v_cond, cond, rtol=0, atol=0)
+
+
+def test_query_answers_each_sample_with_its_own_expert(tiny_teacher):
+    teacher = tiny_teacher
+    embeds, negative = teacher.encode_prompts(PROMPTS, negative="")
+    latents = torch.randn(teacher.latent_shape(2, 32, 32), generator=torch.Generator().manual_seed(3))[:, :, 0]
+    t = torch.tensor([300.0, 950.0])  # low-noise first: the batch order is not the expert order
+    out = teacher.query(latents, t, embeds, negative, capture_blocks=True)
+    for i, name in ((0, "transformer_2"), (1, "transformer")):
+        one = teacher.expert_velocities(name, latents[i:i + 1, :, None], t[i:i + 1], embeds[i:i + 1],
+                                        negative[i:i + 1], capture_blocks=True)
+        torch.testing.assert_close(out.v_cond[i:i + 1], one.v_cond[:, :, 0], rtol=0, atol=0)
+        torch.testing.assert_close(out.v_uncond[i:i + 1], one.v_uncond[:, :, 0], rtol=0, atol=0)
+        assert out.guidance[i] == teacher.guidance_for_expert(name)
+        for feature, block in zip(out.features, one.blocks):
+            torch.testing.assert_close(feature[i:i + 1], block, rtol=0, atol=0)
+    # CFG off: no unconditional pass, so the unconditional target is the conditional one and guidance is 1
+    off = dataclasses.replace(teacher, guidance_scale=1.0, guidance_scale_2=1.0)
+    plain = off.query(latents, t, embeds, negative)
+    assert torch.equal(plain.v_uncond, plain.v_cond) and torch.equal(plain.v_cond, out.v_cond)
+    assert plain.guidance.tolist() == [1.0, 1.0] and plain.features is None
+
+
 def test_the_tiny_teacher_is_rebuilt_when_its_prompts_change(tmp_path, monkeypatch):
     import wandistiller.toy
 

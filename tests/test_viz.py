@@ -1,4 +1,4 @@
-"""Display helpers: saved figures, grid geometry, and one notebook output per live figure."""
+"""Display helpers: tables, saved figures, grid geometry, and one notebook output per live figure."""
 
 import base64
 import io
@@ -124,6 +124,20 @@ def test_analysis_plots_return_figures():
     assert list(spectrum.axes[0].get_lines()[0].get_ydata()) == [3.0, 2.0, 1.0, 0.5]  # sorted, largest first
     # energy kept: (9 + 4) / (9 + 4 + 1 + 0.25)
     assert "kept rank 2 (91.2% energy)" in spectrum.axes[0].get_legend().get_texts()[0].get_text()
+
+
+def test_table_formats_numbers():
+    table = viz.Table(("name", "count", "value"), [("a", 1234567, 0.123456), ("bb", 2, None)], "title")
+    lines = str(table).splitlines()
+    assert lines[0] == "title" and "1,234,567" in lines[3] and "0.1235" in lines[3] and lines[4].endswith("-")
+    assert table.column("count") == [1234567, 2]
+
+
+def test_a_multi_line_table_title_keeps_its_lines_in_html():
+    # The projection report's summary is such a title: its lines must not run together in a notebook.
+    table = viz.Table(("a",), [(1,)], "first line\nsecond <line>")
+    assert table._repr_html_().startswith("<p>first line<br>second &lt;line&gt;</p><table>")
+    assert str(table).splitlines()[:2] == ["first line", "second <line>"]
 
 
 def test_nothing_is_displayed_outside_ipython(monkeypatch, tmp_path):

@@ -1,7 +1,8 @@
 """Look inside a Wan teacher (or a Wan-Lite student): what is 3D, which expert runs when, what blocks do.
 
 The analysis behind notebooks 01 and 02. Everything reads the models through hooks or their configs and
-changes nothing; full-size Wan experts are examined on the meta device (`meta_expert`), without memory.
+changes nothing; full-size Wan experts are examined on the meta device (`meta_expert`), without memory. The
+results are data (tables, scores, dataclasses); their figures and text are made in `viz`.
 
 * `module_table`: parameters per module and which parts have a temporal axis (patch embedding, RoPE, head).
 * `expert_schedule`: which A14B expert runs at each step of the scheduler's real timestep schedule.
@@ -11,7 +12,6 @@ changes nothing; full-size Wan experts are examined on the meta device (`meta_ex
 
 from __future__ import annotations
 
-import html
 import math
 import statistics
 from dataclasses import dataclass
@@ -19,7 +19,11 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .viz import figure_and_axes, new_figure, plot_bars, plot_spectrum
+from .flow import MAX_SEQUENCE_LENGTH, expert_timestep_range, per_token_timesteps
+from .viz import Table, expert_schedule_summary, plot_attention_maps, plot_expert_schedule
+
+# The figures of notebooks 01 and 02, importable from here as the notebooks do (they are made in `viz`).
+from .viz import importance_figure, plot_depth_map, plot_spectra, subplots  # noqa: F401  (re-exported)
 
 # Wan 2.2 expert configs (WanTransformer3DModel kwargs) of the published Diffusers checkpoints.
 FULL_SIZE_EXPERTS = {
@@ -31,60 +35,7 @@ FULL_SIZE_EXPERTS = {
                     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
 }
 INIT_METHODS = ("importance", "truncate", "svd", "random")
-
-
-# -----------------------------------------------------------------------------------------------------------
-# Tables
-
-
-def _format(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
-@dataclass(repr=False)
-class Table:
-    """Rows for reading in a notebook: prints as fixed-width text, renders as HTML, `column(name)` for plots."""
-
-    columns: tuple[str, ...]
-    rows: list[tuple]
-    title: str = ""
-
-    def column(self, name: str) -> list:
-        i = self.columns.index(name)
-        return [row[i] for row in self.rows]
-
-    def to_records(self) -> list[dict]:
-        return [dict(zip(self.columns, row)) for row in self.rows]
-
-    def __str__(self) -> str:
-        cells = [self.columns] + [tuple(_format(v) for v in row) for row in self.rows]
-        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
-        # Numbers right-aligned, text left-aligned (judged on the first row).
-        first = self.rows[0] if self.rows else ()
-        numeric = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in first] + [False] * len(widths)
-        fmt = lambda row: "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(row, widths, numeric)).rstrip()
-        lines = [self.title] if self.title else []
-        return "\n".join(lines + [fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]])
-
-    __repr__ = __str__
-
-    def _repr_html_(self) -> str:
-        cells = lambda row, tag: "".join(f"<{tag}>{html.escape(_format(v))}</{tag}>" for v in row)
-        body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in self.rows)
-        title = f"<p>{html.escape(self.title)}</p>" if self.title else ""
-        return f"{title}<table><thead><tr>{cells(self.columns, 'th')}</tr></thead><tbody>{body}</tbody></table>"
-
-
-def subplots(ncols: int, nrows: int = 1, figsize: tuple[float, float] | None = None):
-    """A pyplot-free figure and its axes (a flat list), for composing `plot_bars` / `plot_spectrum` panels."""
-    fig = new_figure(figsize or (4.0 * ncols, 3.0 * nrows))
-    return fig, list(fig.subplots(nrows, ncols, squeeze=False).flat)
+HELD_OUT_SEEDS = 1000  # `initial_errors` draws its inputs from seeds HELD_OUT_SEEDS + i, apart from calibration seeds
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -128,7 +79,7 @@ def _temporal_note(name: str, module: nn.Module, patch_size: tuple) -> tuple[str
     if name == "blocks" or name.endswith("attn1"):
         return "no", f"token-wise weights; self-attention mixes all {'t*h*w' if len(patch_size) == 3 else 'h*w'} tokens"
     if name.endswith("attn2"):
-        return "no", "cross-attention to the 512 text tokens"
+        return "no", f"cross-attention to the {MAX_SEQUENCE_LENGTH} text tokens"
     return "no", ""
 
 
@@ -204,30 +155,14 @@ class ExpertSchedule:
         return Table(("step", "timestep", "sigma", "expert", "guidance"), rows, self.summary())
 
     def summary(self) -> str:
-        n = len(self.timesteps)
-        boundary = "no boundary (one expert)" if self.boundary is None else f"boundary t >= {self.boundary:g}"
-        parts = []
-        for name in dict.fromkeys(self.experts):
-            steps = [i for i, e in enumerate(self.experts) if e == name]
-            parts.append(f"{name}: {len(steps)} steps ({steps[0]}-{steps[-1]}), t {self.timesteps[steps[0]]:g} down to "
-                         f"{self.timesteps[steps[-1]]:g}, guidance {self.guidance[steps[0]]:g}")
-        return f"{n} steps, {boundary}\n" + "\n".join(parts)
+        return expert_schedule_summary(self)
 
     def __str__(self) -> str:
         return self.summary()
 
     def plot(self, ax=None):
-        """Timestep per step, coloured by expert, with the boundary as a dashed line."""
-        fig, ax = figure_and_axes(ax, figsize=(6.0, 3.0))
-        roles = {"transformer": " (high noise)", "transformer_2": " (low noise)"} if self.boundary is not None else {}
-        for i, name in enumerate(dict.fromkeys(self.experts)):
-            steps = [s for s, e in enumerate(self.experts) if e == name]
-            ax.bar(steps, [self.timesteps[s] for s in steps], color=f"C{i}", label=name + roles.get(name, ""))
-        if self.boundary is not None:
-            ax.axhline(self.boundary, color="0.3", linestyle="--", label=f"boundary {self.boundary:g}")
-        ax.set(xlabel="sampling step", ylabel="timestep t", title="Expert per sampling step")
-        ax.legend(fontsize="small", loc="upper right")
-        return fig
+        """Timestep per step, coloured by expert, with the boundary as a dashed line (`viz.plot_expert_schedule`)."""
+        return plot_expert_schedule(self, ax)
 
 
 def expert_schedule(teacher, num_inference_steps: int = 40) -> ExpertSchedule:
@@ -310,22 +245,8 @@ class AttentionMaps:
     timestep: float
 
     def plot(self, head: int = 0, query: int | None = None):
-        """The full N x N map and, on the latent grid, the weights of one query token (default: the centre)."""
-        h, w = self.grid
-        query = (h // 2) * w + w // 2 if query is None else query
-        fig, (ax_map, ax_grid) = subplots(2, figsize=(9.0, 4.0))
-        image = ax_map.imshow(self.weights[head].cpu(), cmap="viridis")
-        fig.colorbar(image, ax=ax_map, shrink=0.8, label="attention weight")
-        ax_map.set(xlabel="key token", ylabel="query token",
-                   title=f"block {self.block}, head {head}: all {h * w} tokens")
-        image = ax_grid.imshow(self.weights[head, query].reshape(h, w).cpu(), cmap="viridis")
-        ax_grid.plot(query % w, query // w, marker="x", color="red", markersize=10, linestyle="none",
-                     label=f"query token {query}")
-        fig.colorbar(image, ax=ax_grid, shrink=0.8, label="attention weight")
-        ax_grid.set(xlabel="patch column", ylabel="patch row", title=f"where token {query} looks ({h}x{w} patches)")
-        ax_grid.legend(fontsize="small", loc="lower right")
-        fig.suptitle(f"self-attention at t = {self.timestep:g}")
-        return fig
+        """The full N x N map and where one query token looks (`viz.plot_attention_maps`)."""
+        return plot_attention_maps(self, head, query)
 
 
 @torch.no_grad()
@@ -362,82 +283,6 @@ def self_attention_weights(transformer, calibration, block: int = 0, sample: int
 
 
 # -----------------------------------------------------------------------------------------------------------
-# Projection plots
-
-
-def plot_depth_map(depth_map: list[int], num_teacher_layers: int, ax=None):
-    """Teacher blocks (left) and student blocks (right), a line from each student block to its source."""
-    fig, ax = figure_and_axes(ax, figsize=(3.5, max(2.5, 0.25 * num_teacher_layers + 1)))
-    depth = len(depth_map)
-    # Student blocks spread over the teacher's height, so the lines show where each one comes from.
-    student_y = [0.0] if depth == 1 else [i * (num_teacher_layers - 1) / (depth - 1) for i in range(depth)]
-    for s, t in enumerate(depth_map):
-        ax.plot([0, 1], [t, student_y[s]], color="C0", linewidth=1.5)
-    kept = set(depth_map)
-    ax.scatter([0] * num_teacher_layers, range(num_teacher_layers), s=60, zorder=3,
-               color=["C0" if t in kept else "0.8" for t in range(num_teacher_layers)])
-    ax.scatter([1] * depth, student_y, s=60, color="C1", zorder=3)
-    for t in range(num_teacher_layers):
-        ax.annotate(str(t), (0, t), xytext=(-8, 0), textcoords="offset points", ha="right", va="center",
-                    fontsize="small")
-    for s, y in enumerate(student_y):
-        ax.annotate(str(s), (1, y), xytext=(8, 0), textcoords="offset points", ha="left", va="center",
-                    fontsize="small")
-    ax.set_xticks([0, 1], ["teacher block", "student block"])
-    ax.set_yticks([])
-    ax.set_xlim(-0.4, 1.4)
-    ax.invert_yaxis()  # block 0 (the input end) on top
-    ax.spines[:].set_visible(False)
-    ax.set_title(f"depth map: {num_teacher_layers} -> {depth} blocks")
-    return fig
-
-
-def plot_importance(scores, kept=None, labels=None, title: str = "", ax=None):
-    """`plot_bars` of importance scores with the units the student keeps in colour and the others grey."""
-    from matplotlib.patches import Patch
-
-    fig = plot_bars(scores, labels=labels, title=title, ax=ax)
-    ax = ax or fig.axes[-1]
-    if kept is not None:
-        kept = {int(i) for i in kept}
-        for i, bar in enumerate(ax.patches[-len(scores):]):
-            bar.set_color("C0" if i in kept else "0.75")
-        ax.legend(handles=[Patch(color="C0", label="kept"), Patch(color="0.75", label="removed")], fontsize="small")
-    return fig
-
-
-def importance_figure(report, block: int = 0):
-    """The importance scores behind a projection and what it kept: blocks, self-attention heads (all teacher
-    blocks), the FFN neurons of student block `block`'s source, and residual channels."""
-    imp, plan = report.importance, report.plan
-    if imp is None:
-        raise ValueError("this projection measured no importance (layers and width were not 'importance')")
-    layers, heads = imp.self_heads.shape
-    source = report.depth_map[block]
-    kept_heads = {t * heads + int(h) for s, t in enumerate(report.depth_map) for h in plan.self_heads[s]}
-    fig, axes = subplots(2, 2, figsize=(11.0, 6.0))
-    plot_importance(imp.block_influence, report.depth_map, [str(i) for i in range(layers)],
-                    "block influence (1 - cos), kept = depth map", axes[0])
-    plot_importance(imp.self_heads.flatten(), kept_heads, [f"{t}.{h}" for t in range(layers) for h in range(heads)],
-                    "self-attention heads (block.head)", axes[1])
-    plot_importance(imp.ffn_neurons[source], plan.ffn_neurons[block], None,
-                    f"FFN neurons of teacher block {source}", axes[2])
-    plot_importance(imp.channels, plan.channels, None, "residual-stream channels", axes[3])
-    for ax in axes[2:]:
-        ax.set_xlabel("index")
-    return fig
-
-
-def plot_spectra(weights: dict[str, torch.Tensor], kept_rank: dict[str, int]):
-    """`plot_spectrum` of several teacher matrices side by side, each with the rank a student of this size keeps."""
-    fig, axes = subplots(len(weights), figsize=(4.5 * len(weights), 3.2))
-    for ax, (name, weight) in zip(axes, weights.items()):
-        plot_spectrum(torch.linalg.svdvals(weight.detach().float().cpu()), kept_rank[name], ax=ax,
-                      title=f"{name} {tuple(weight.shape)}")
-    return fig
-
-
-# -----------------------------------------------------------------------------------------------------------
 # Velocity error of a student
 
 
@@ -449,8 +294,7 @@ def student_velocity(student, latents, timesteps, prompt_embeds, per_token: bool
     """
     timesteps = torch.as_tensor(timesteps, dtype=torch.float32)
     if per_token:
-        p_h, p_w = student.config.patch_size
-        timesteps = timesteps[:, None].expand(-1, latents.shape[-2] // p_h * latents.shape[-1] // p_w)
+        timesteps = per_token_timesteps(timesteps, latents.shape[-2:], student.config.patch_size)
     return student(latents[:, :, 0], timesteps, prompt_embeds).sample.float()
 
 
@@ -460,14 +304,6 @@ def max_velocity_error(student, teacher, calibration) -> float:
     prediction = student_velocity(student, calibration.latents, calibration.timesteps, calibration.prompt_embeds,
                                   per_token=teacher.expand_timesteps)
     return (prediction - target).abs().max().item()
-
-
-def _error_t_range(teacher, expert: str) -> tuple[float, float]:
-    """Held-out timesteps in the range of the expert the student was projected from."""
-    boundary = teacher.boundary_timestep
-    if boundary is None or expert == "mean":
-        return 20.0, 999.0
-    return (20.0, boundary - 1) if expert == "low_noise" else (boundary, 999.0)
 
 
 @dataclass
@@ -488,7 +324,7 @@ class InitialErrors:
         reference = next(iter(means))
         rows = [(m, means[m], statistics.stdev(v) if len(v) > 1 else 0.0, f"{means[m] / means[reference]:.2f}x")
                 for m, v in self.errors.items()]
-        title = (f"initial relative velocity MSE, t in [{self.t_range[0]:.0f}, {self.t_range[1]:.0f}], "
+        title = (f"initial relative velocity MSE, t in [{self.t_range[0]:.0f}, {self.t_range[1]:.0f}), "
                  f"{len(self.errors[reference])} x 4 held-out latents/prompts")
         return Table(("method", "rel. MSE mean", "std", f"vs {reference}"), rows, title)
 
@@ -500,8 +336,8 @@ class InitialErrors:
 
 
 def _error_inputs(teacher, seed: int, prompts: list[str], t_range: tuple[float, float]):
-    """4 held-out latents, timesteps and prompts for one seed (1000 + seed: not the calibration's seeds)."""
-    g = torch.Generator().manual_seed(1000 + seed)
+    """4 held-out latents, timesteps and prompts for one seed (seeded apart from the calibration's)."""
+    g = torch.Generator().manual_seed(HELD_OUT_SEEDS + seed)
     latents = torch.randn(4, teacher.latent_channels, 1, 16, 16, generator=g)
     t = t_range[0] + torch.rand(4, generator=g) * (t_range[1] - t_range[0])
     text = teacher.encode_prompts([prompts[(4 * seed + i) % len(prompts)] for i in range(4)])
@@ -528,7 +364,7 @@ def initial_errors(teacher, student_config, methods: tuple[str, ...] = INIT_METH
     from .projection import project
 
     prompts = list(prompts or read_prompts())
-    t_range = _error_t_range(teacher, expert)
+    t_range = expert_timestep_range(expert, teacher.boundary_timestep)  # where the projected expert serves
     models = {}
     for method in methods:
         if method == "random":

@@ -701,32 +701,9 @@ def _micro_step(model, loss_fn, batch, targets, teacher, rt: _Dist, autocast, st
     return parts
 
 
-@torch.no_grad()
 def _query_online(teacher, latents, timesteps, embeds, negative, need_features: bool):
     """Teacher velocities (and block outputs, for feature KD) for a batch, each sample on its own expert."""
-    v_cond, v_uncond = torch.empty_like(latents), torch.empty_like(latents)
-    guidance = torch.empty(len(latents))
-    feats = None
-    for name, idx in teacher.split_by_expert(timesteps):
-        expert = teacher.load_expert(name)
-        captured, handles = [], []
-        if need_features:
-            handles = [blk.register_forward_hook(lambda m, a, o: captured.append(o)) for blk in expert.blocks]
-        x = latents[idx].unsqueeze(2)
-        v_cond[idx] = teacher.expert_velocity(name, x, timesteps[idx], embeds[idx])[:, :, 0].to(latents.device)
-        for h in handles:
-            h.remove()
-        if teacher.uses_cfg:
-            v_uncond[idx] = teacher.expert_velocity(name, x, timesteps[idx], negative[idx])[:, :, 0].to(latents.device)
-        else:  # no unconditional pass without CFG, as in WanPipeline: the target is the conditional velocity
-            v_uncond[idx] = v_cond[idx]
-        guidance[idx] = teacher.guidance_for_expert(name)
-        if need_features:
-            if feats is None:
-                feats = [torch.empty(len(latents), *c.shape[1:], device=latents.device) for c in captured]
-            for f, c in zip(feats, captured):
-                f[idx] = c.float().to(latents.device)
-    return v_cond, v_uncond, guidance, feats
+    return teacher.query(latents, timesteps, embeds, negative, capture_blocks=need_features)
 
 
 def _autocast(cfg: DistillConfig, device: torch.device):

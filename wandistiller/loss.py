@@ -1,12 +1,7 @@
 """The distillation objective: the student matches the teacher's flow-matching velocity.
 
-Conventions are those of Wan and diffusers' flow-matching schedulers (FlowMatchEulerDiscrete, and
-UniPCMultistep with ``use_flow_sigmas=True``): a timestep ``t`` in [0, 1000) has noise level
-``sigma = t / 1000``, the noisy latent is ``x_t = (1 - sigma) * x0 + sigma * noise``, the transformer
-predicts the velocity ``v = noise - x0``, and a sampler step is ``x_next = x_t + (sigma_next - sigma) * v``.
-Hence ``x0 = x_t - sigma * v`` and ``noise = x_t + (1 - sigma) * v``.
-
-Everything here is pure torch: the teacher's outputs arrive as tensors, so the loss never needs a teacher.
+The flow-matching conventions (noise levels, the shift, noising, guidance) are `wandistiller.flow`'s. Everything
+here is pure torch: the teacher's outputs arrive as tensors, so the loss never needs a teacher.
 """
 
 from __future__ import annotations
@@ -17,7 +12,11 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-NUM_TRAIN_TIMESTEPS = 1000
+from .flow import (
+    DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, guided_velocity, shift_sigma, sigma_from_timestep, timestep_from_sigma,
+    unshift_sigma,
+)
+
 TIMESTEP_DISTRIBUTIONS = ("shifted_uniform", "uniform", "logit_normal")
 WEIGHTINGS = ("none", "min_snr", "cosmap")
 MIN_SNR_GAMMA = 5.0
@@ -30,27 +29,12 @@ class NonFiniteLossError(RuntimeError):
 # --- timesteps and noising -------------------------------------------------------------------------------
 
 
-def sigma_from_timestep(timestep: torch.Tensor) -> torch.Tensor:
-    """Noise level of a flow-matching timestep: ``t / 1000``, so t=0 is clean and t->1000 is pure noise."""
-    return timestep / NUM_TRAIN_TIMESTEPS
-
-
-def _shift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """Wan's flow shift (``flow_shift`` of its scheduler): moves noise levels towards 1 for shift > 1."""
-    return shift * sigma / (1 + (shift - 1) * sigma)
-
-
-def _unshift(sigma: torch.Tensor, shift: float) -> torch.Tensor:
-    """Inverse of `_shift`."""
-    return sigma / (shift - (shift - 1) * sigma)
-
-
 def _sigma_cdf(sigma: torch.Tensor, distribution: str, shift: float) -> torch.Tensor:
     """CDF of the noise-level distribution: maps sigma in [0, 1] to a quantile in [0, 1]."""
     if distribution == "uniform":
         return sigma
     if distribution == "shifted_uniform":
-        return _unshift(sigma, shift)
+        return unshift_sigma(sigma, shift)
     return torch.special.ndtr(torch.logit(sigma))
 
 
@@ -59,7 +43,7 @@ def _sigma_quantile(u: torch.Tensor, distribution: str, shift: float) -> torch.T
     if distribution == "uniform":
         return u
     if distribution == "shifted_uniform":
-        return _shift(u, shift)
+        return shift_sigma(u, shift)
     return torch.sigmoid(torch.special.ndtri(u))
 
 
@@ -72,7 +56,7 @@ def sample_timesteps(
     batch_size: int,
     *,
     generator: torch.Generator | None = None,
-    shift: float = 3.0,
+    shift: float = DEFAULT_FLOW_SHIFT,
     distribution: str = "shifted_uniform",
     low: float = 0,
     high: float = NUM_TRAIN_TIMESTEPS,
@@ -81,40 +65,29 @@ def sample_timesteps(
     """Draw ``batch_size`` float timesteps in ``[low, high)``.
 
     Parameters:
-        distribution: the noise level ``sigma = t / 1000`` is
+        distribution: the noise level ``sigma`` of a timestep (`flow.sigma_from_timestep`) is
             ``"shifted_uniform"``: ``u ~ U(0, 1)`` passed through Wan's flow shift (as the scheduler spaces
             its sampling steps, so training sees noise levels in the proportion sampling visits them);
             ``"uniform"``: ``sigma ~ U(0, 1)``;
             ``"logit_normal"``: ``sigma = sigmoid(n)``, ``n ~ N(0, 1)`` (SD3).
         shift: flow shift for ``"shifted_uniform"`` (Wan 2.2 uses 3.0 at 480p, 5.0 at 720p); ignored otherwise.
-        low, high: restrict timesteps to this range, e.g. ``[boundary_ratio * 1000, 1000)`` to train on the
-            high-noise expert's range only. The result follows the chosen distribution truncated to the range
-            (sampled by inverse CDF), not a rescaled copy of it.
+        low, high: restrict timesteps to this range, e.g. ``flow.expert_timestep_range("high_noise", boundary)``
+            to train on the high-noise expert's range only. The result follows the chosen distribution truncated
+            to the range (sampled by inverse CDF), not a rescaled copy of it.
     """
     if distribution not in TIMESTEP_DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {TIMESTEP_DISTRIBUTIONS}, got {distribution!r}")
     if not 0 <= low < high <= NUM_TRAIN_TIMESTEPS:
         raise ValueError(f"need 0 <= low < high <= {NUM_TRAIN_TIMESTEPS}, got low={low}, high={high}")
     # float64 keeps the quantile transforms accurate near sigma=1, where the shift and the sigmoid saturate.
-    bounds = torch.tensor([low, high], dtype=torch.float64) / NUM_TRAIN_TIMESTEPS
+    bounds = sigma_from_timestep(torch.tensor([low, high], dtype=torch.float64))
     u_low, u_high = _sigma_cdf(bounds, distribution, shift).tolist()
     u = torch.rand(batch_size, generator=generator, dtype=torch.float64, device=_generator_device(generator))
     sigma = _sigma_quantile(u_low + (u_high - u_low) * u, distribution, shift)
-    timesteps = (sigma * NUM_TRAIN_TIMESTEPS).float()
+    timesteps = timestep_from_sigma(sigma).float()
     # Rounding to float32 can land exactly on `high`; the interval is half-open like the scheduler's.
     below_high = torch.nextafter(torch.tensor(float(high)), torch.tensor(float(low)))
     return timesteps.clamp(min=low, max=below_high.item()).to(device)
-
-
-def _per_sample(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """Reshape a (B,) tensor to broadcast over the non-batch dimensions of ``like``."""
-    return values.reshape(-1, *([1] * (like.ndim - 1))).to(like.dtype)
-
-
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-    """Noisy latent at ``timestep`` (B,): ``x_t = (1 - sigma) * x0 + sigma * noise``."""
-    sigma = _per_sample(sigma_from_timestep(timestep), x0)
-    return (1 - sigma) * x0 + sigma * noise
 
 
 def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -123,20 +96,6 @@ def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 
 # --- targets and losses -----------------------------------------------------------------------------------
-
-
-def guided_target(
-    v_cond: torch.Tensor, v_uncond: torch.Tensor, guidance_scale: float | torch.Tensor
-) -> torch.Tensor:
-    """Classifier-free-guided velocity ``v_uncond + g * (v_cond - v_uncond)``.
-
-    ``guidance_scale`` is a float or a (B,) tensor: per-sample scales are needed because Wan 2.2 A14B uses
-    ``guidance_scale`` on its high-noise expert (t >= boundary) and ``guidance_scale_2`` below it, and one
-    batch mixes both ranges.
-    """
-    if isinstance(guidance_scale, torch.Tensor):
-        guidance_scale = _per_sample(guidance_scale.to(v_cond.device), v_cond)
-    return v_uncond + guidance_scale * (v_cond - v_uncond)
 
 
 def _min_snr_mean() -> float:
@@ -299,7 +258,7 @@ class DistillLoss(nn.Module):
             return teacher_cond.detach()
         if teacher_uncond is None or guidance is None:
             raise ValueError("cfg_distill=True needs teacher_uncond and guidance")
-        return guided_target(teacher_cond.detach(), teacher_uncond.detach(), guidance)
+        return guided_velocity(teacher_cond.detach(), teacher_uncond.detach(), guidance)
 
     def forward(
         self,

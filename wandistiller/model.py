@@ -30,6 +30,7 @@ from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedd
 from diffusers.utils import BaseOutput
 
 from . import text_padding
+from .flow import MAX_SEQUENCE_LENGTH
 
 # Wan's RoPE base; the teacher hard-codes it, so a compatible student must use it too.
 WAN_ROPE_THETA = 10000.0
@@ -259,9 +260,9 @@ class WanLiteTransformer2DModel(ModelMixin, ConfigMixin):
             hidden_states (`torch.Tensor` of shape `(batch_size, num_channels, height, width)`):
                 Noisy latents.
             timestep (`torch.Tensor` of shape `(batch_size,)` or `(batch_size, num_patches)`):
-                Flow-matching timesteps in [0, 1000]; per patch for Wan 2.2 TI2V-style conditioning.
+                Flow-matching timesteps (`wandistiller.flow`); per patch for Wan 2.2 TI2V-style conditioning.
             encoder_hidden_states (`torch.Tensor` of shape `(batch_size, sequence_len, text_dim)`):
-                Text-encoder embeddings (Wan: UMT5, zero-padded to 512 tokens).
+                Text-encoder embeddings (Wan: UMT5, zero-padded to `flow.MAX_SEQUENCE_LENGTH` tokens).
             return_dict (`bool`, defaults to `True`):
                 Return a [`WanLiteTransformerOutput`] instead of a tuple.
             output_hidden_states (`bool`, defaults to `False`):
@@ -321,7 +322,7 @@ class StudentConfig:
     patch_size: int | tuple[int, int] | None = None
     text_encoder_output_dim: int | None = None
     image_size: int = 1024
-    text_max_length: int = 512
+    text_max_length: int = MAX_SEQUENCE_LENGTH
     rope_axes_dim: tuple[int, int] | None = None
     # Accepted so that configs written for the original tool load; Wan-Lite does not use them.
     projection_factor: float = 1.0

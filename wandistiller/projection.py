@@ -12,19 +12,19 @@ A Wan expert becomes a Wan-Lite student in three independent steps:
   calibration inputs) or the original tool's per-matrix `truncate` and `svd`, kept as baselines.
 
 `project` returns the student and a `ProjectionReport` (what happened to every parameter, the depth map,
-the kept channels and the importance scores, for notebooks).
+the kept channels and the importance scores; `viz` renders it for notebooks).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import html
 import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .flow import MAX_SEQUENCE_LENGTH, add_noise, expert_timestep_range
 from .model import WanLiteTransformer2DModel, student_model_config
 
 EXPERT_CHOICES = ("high_noise", "low_noise", "mean")
@@ -54,7 +54,7 @@ class Calibration:
 
     Parameters:
         latents: noisy single-frame latents, (B, C, 1, H, W) (or (B, C, H, W)).
-        timesteps: (B,) flow-matching timesteps in [0, 1000] (pick them in the chosen expert's range).
+        timesteps: (B,) flow-matching timesteps (pick them in the chosen expert's `flow.expert_timestep_range`).
         prompt_embeds: (B, L, text_dim) text embeddings (Teacher.encode_prompts).
     """
 
@@ -71,22 +71,14 @@ class Calibration:
             raise ValueError(f"calibration has {b} latents but {self.prompt_embeds.shape[0]} prompt embeddings")
 
 
-def _timestep_range(teacher, expert: str) -> tuple[float, float]:
-    """The timesteps an expert sees in WanPipeline: the high-noise expert runs at t >= boundary."""
-    boundary = getattr(teacher, "boundary_timestep", None)
-    if boundary is None or expert == "mean":
-        return 0.0, 1000.0
-    return (boundary, 1000.0) if expert == "high_noise" else (0.0, boundary)
-
-
 def make_calibration(teacher, prompts=None, *, expert: str = "low_noise", num_samples: int = 8,
                      latent_size: int = 16, seed: int = 0) -> Calibration:
     """A small default calibration set.
 
-    Latents are flow-matching interpolations `(1 - t/1000) x0 + (t/1000) noise` of random x0 at `num_samples`
-    evenly spread timesteps in the expert's range. Prompts are encoded by the teacher when `teacher` is a
-    Teacher (default: DEFAULT_CALIBRATION_PROMPTS); for a bare transformer the text embeddings are random
-    (16 random tokens, zero-padded to 512 like Wan's) from the same seed.
+    Latents are random x0 noised (`flow.add_noise`) to `num_samples` evenly spread timesteps in the expert's
+    range (`flow.expert_timestep_range`). Prompts are encoded by the teacher when `teacher` is a Teacher
+    (default: DEFAULT_CALIBRATION_PROMPTS); for a bare transformer the text embeddings are random (16 random
+    tokens, zero-padded to MAX_SEQUENCE_LENGTH like Wan's) from the same seed.
 
     Parameters:
         teacher: a `Teacher` or a `WanTransformer3DModel`.
@@ -101,10 +93,9 @@ def make_calibration(teacher, prompts=None, *, expert: str = "low_noise", num_sa
     gen = torch.Generator().manual_seed(seed)
     shape = (num_samples, cfg.in_channels, 1, latent_size, latent_size)
     x0, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
-    lo, hi = _timestep_range(teacher, expert)
+    lo, hi = expert_timestep_range(expert, getattr(teacher, "boundary_timestep", None))
     timesteps = lo + (torch.arange(num_samples) + 0.5) / num_samples * (hi - lo)
-    sigma = (timesteps / 1000).view(-1, 1, 1, 1, 1)
-    latents = (1 - sigma) * x0 + sigma * noise
+    latents = add_noise(x0, noise, timesteps)
     if hasattr(teacher, "encode_prompts"):
         prompts = list(prompts or DEFAULT_CALIBRATION_PROMPTS)
         prompts = [prompts[i % len(prompts)] for i in range(num_samples)]
@@ -112,7 +103,7 @@ def make_calibration(teacher, prompts=None, *, expert: str = "low_noise", num_sa
     else:
         if prompts is not None:
             raise ValueError("prompts need a Teacher to encode them; a bare transformer gets random text embeddings")
-        prompt_embeds = torch.zeros(num_samples, 512, cfg.text_dim)
+        prompt_embeds = torch.zeros(num_samples, MAX_SEQUENCE_LENGTH, cfg.text_dim)
         prompt_embeds[:, :16] = torch.randn(num_samples, 16, cfg.text_dim, generator=gen)
     return Calibration(latents, timesteps, prompt_embeds)
 
@@ -464,31 +455,16 @@ class ProjectionReport:
             out[r.kind] += math.prod(r.shape)
         return out
 
-    def _rows(self):
-        for r in self.records:
-            energy = "-" if r.energy_kept is None else f"{r.energy_kept:.3f}"
-            yield (r.name, r.kind, r.source or "-", "x".join(map(str, r.shape)),
-                   "x".join(map(str, r.source_shape)) if r.source_shape else "-", energy, r.note)
-
     def summary(self) -> str:
-        ratio = self.student_parameters / self.teacher_parameters
-        counts = ", ".join(f"{k} {v:,}" for k, v in self.counts().items() if v)
-        lines = [
-            f"Projection{' plan (meta device)' if self.plan_only else ''}: {self.teacher_parameters:,} teacher "
-            f"parameters ({'+'.join(self.experts)}, expert={self.expert}) -> {self.student_parameters:,} student "
-            f"({ratio:.2%}); layers={self.layers!r}, width={self.width!r}",
-            f"depth map (student block -> teacher block): {self.depth_map}",
-            f"elements by kind: {counts}",
-        ]
-        return "\n".join(lines + self.notes)
+        from .viz import projection_summary
+
+        return projection_summary(self)
 
     def table(self) -> str:
-        """A fixed-width text table: one row per student parameter."""
-        header = ("parameter", "kind", "teacher source", "shape", "source shape", "energy", "note")
-        rows = [header, *self._rows()]
-        widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
-        fmt = lambda row: "  ".join(str(v).ljust(w) for v, w in zip(row, widths)).rstrip()
-        return "\n".join([self.summary(), fmt(header), fmt(["-" * w for w in widths])] + [fmt(r) for r in rows[1:]])
+        """A fixed-width text table: the summary, then one row per student parameter (`viz.projection_table`)."""
+        from .viz import projection_table
+
+        return str(projection_table(self))
 
     def __str__(self) -> str:
         return self.table()
@@ -498,11 +474,9 @@ class ProjectionReport:
         return self.summary()
 
     def _repr_html_(self) -> str:
-        cells = lambda row, tag: "".join(f"<{tag}>{html.escape(str(v))}</{tag}>" for v in row)
-        header = ("parameter", "kind", "teacher source", "shape", "source shape", "energy", "note")
-        body = "".join(f"<tr>{cells(r, 'td')}</tr>" for r in self._rows())
-        summary = html.escape(self.summary()).replace("\n", "<br>")
-        return f"<p>{summary}</p><table><thead><tr>{cells(header, 'th')}</tr></thead><tbody>{body}</tbody></table>"
+        from .viz import projection_table
+
+        return projection_table(self)._repr_html_()
 
     def to_dict(self) -> dict:
         plan = {k: [t.tolist() for t in v] if isinstance(v, list) else v.tolist()

@@ -16,8 +16,11 @@ import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
+
+from .flow import MAX_SEQUENCE_LENGTH, guided_velocity, per_token_timesteps
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +33,6 @@ DEVICE_STRATEGIES = ("auto", "cpu", "cuda", "gpu0", "balanced")
 EXPERT_ROLES = {"high_noise": "transformer", "low_noise": "transformer_2"}
 # Guidance scales of the Wan 2.2 reference settings: A14B high-noise 4.0 / low-noise 3.0; TI2V-5B and 2.1 5.0.
 DEFAULT_GUIDANCE = {"a14b": (4.0, 3.0), "ti2v-5b": (5.0, None), "2.1": (5.0, None)}
-MAX_SEQUENCE_LENGTH = 512
 
 
 class TeacherNotAvailableError(RuntimeError):
@@ -290,6 +292,23 @@ def _fingerprint(source: Path, variant: str, guidance_scale, guidance_scale_2, d
     return hashlib.sha256(raw.encode()).hexdigest()[:16]
 
 
+class ExpertVelocities(NamedTuple):
+    """One expert's answer (`Teacher.expert_velocities`): velocities (B, C, F, H, W), float32."""
+
+    v_cond: torch.Tensor
+    v_uncond: torch.Tensor
+    blocks: list[torch.Tensor] | None  # each transformer block's output in the conditional pass
+
+
+class TeacherTargets(NamedTuple):
+    """Distillation targets of a batch (`Teacher.query`), every sample answered by its own expert."""
+
+    v_cond: torch.Tensor
+    v_uncond: torch.Tensor
+    guidance: torch.Tensor  # (B,) the guidance scale of each sample's expert
+    features: list[torch.Tensor] | None  # block outputs, one (B, N, D) tensor per teacher block
+
+
 @dataclass
 class Teacher:
     """A loaded Wan teacher. Build it with `load_teacher`.
@@ -443,7 +462,8 @@ class Teacher:
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
     def encode_prompts(self, prompts: list[str] | str, negative: str | None = None):
-        """Prompt embeddings (B, 512, text_dim) exactly as WanPipeline.encode_prompt makes them, cached.
+        """Prompt embeddings (B, MAX_SEQUENCE_LENGTH, text_dim), cached, exactly as WanPipeline.encode_prompt makes
+        them.
 
         With `negative` (a negative prompt, "" for Wan's default), returns (prompt_embeds, negative_embeds).
         """
@@ -501,13 +521,58 @@ class Teacher:
         latents = latents.to(device, expert.dtype)
         timestep = torch.as_tensor(timestep, device=device).expand(latents.shape[0])
         if self.expand_timesteps:
-            # Wan 2.2 TI2V: one timestep per latent patch (all equal for text-to-image), as WanPipeline builds it.
-            p_t, p_h, p_w = expert.config.patch_size
-            tokens = (latents.shape[2] // p_t) * (latents.shape[3] // p_h) * (latents.shape[4] // p_w)
-            timestep = timestep[:, None].expand(-1, tokens)
+            timestep = per_token_timesteps(timestep, latents.shape[2:], expert.config.patch_size)
         out = expert(hidden_states=latents, timestep=timestep,
                      encoder_hidden_states=prompt_embeds.to(device, expert.dtype), return_dict=False)[0]
         return out.float().to(input_device)
+
+    @torch.no_grad()
+    def expert_velocities(self, name: str, latents, timestep, prompt_embeds, negative_prompt_embeds=None, *,
+                          capture_blocks: bool = False) -> ExpertVelocities:
+        """The one teacher query: expert `name`'s conditional and unconditional velocity at (latents, timestep).
+
+        Without `negative_prompt_embeds` no unconditional pass runs and v_uncond is v_cond, which makes every
+        guided velocity the conditional one exactly (WanPipeline's behaviour when CFG is off). `capture_blocks`
+        also returns the output of every transformer block in the conditional pass.
+        """
+        expert = self.load_expert(name)
+        captured = []
+        hooks = [block.register_forward_hook(lambda module, args, output: captured.append(output))
+                 for block in expert.blocks] if capture_blocks else []
+        try:
+            v_cond = self.expert_velocity(name, latents, timestep, prompt_embeds)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        v_uncond = v_cond if negative_prompt_embeds is None else self.expert_velocity(
+            name, latents, timestep, negative_prompt_embeds)
+        return ExpertVelocities(v_cond, v_uncond, captured if capture_blocks else None)
+
+    @torch.no_grad()
+    def query(self, latents, timesteps, prompt_embeds, negative_prompt_embeds, *,
+              capture_blocks: bool = False) -> TeacherTargets:
+        """Distillation targets at single-frame points (latents (B, C, H, W)), each sample on its expert.
+
+        Returns the conditional and unconditional velocities (v_uncond = v_cond when CFG is off, as WanPipeline
+        makes no unconditional pass then), each sample's guidance scale and, with `capture_blocks`, the
+        teacher's block outputs (one (B, N, D) tensor per block), all on the latents' device.
+        """
+        v_cond, v_uncond = torch.empty_like(latents), torch.empty_like(latents)
+        guidance = torch.empty(len(latents))
+        blocks = None
+        for name, idx in self.split_by_expert(timesteps):
+            negative = negative_prompt_embeds[idx] if self.uses_cfg else None
+            out = self.expert_velocities(name, latents[idx].unsqueeze(2), timesteps[idx], prompt_embeds[idx], negative,
+                                         capture_blocks=capture_blocks)
+            v_cond[idx] = out.v_cond[:, :, 0].to(latents.device)
+            v_uncond[idx] = out.v_uncond[:, :, 0].to(latents.device)
+            guidance[idx] = self.guidance_for_expert(name)
+            if capture_blocks:
+                if blocks is None:
+                    blocks = [torch.empty(len(latents), *b.shape[1:], device=latents.device) for b in out.blocks]
+                for target, block in zip(blocks, out.blocks):
+                    target[idx] = block.float().to(latents.device)
+        return TeacherTargets(v_cond, v_uncond, guidance, blocks)
 
     @torch.no_grad()
     def velocity(self, latents, timestep, prompt_embeds, negative_prompt_embeds=None, guidance=None) -> torch.Tensor:
@@ -517,17 +582,17 @@ class Teacher:
         or the chosen expert's own guidance scale (no unconditional pass when CFG is off, as in WanPipeline);
         without, the conditional velocity.
         """
-        if guidance is None and not self.uses_cfg:
-            negative_prompt_embeds = None
+        cfg = negative_prompt_embeds is not None and (guidance is not None or self.uses_cfg)
         timestep = torch.as_tensor(timestep, dtype=torch.float32).flatten().expand(latents.shape[0])
         out = torch.empty(latents.shape, dtype=torch.float32, device=latents.device)
         for name, idx in self.split_by_expert(timestep):
-            v = self.expert_velocity(name, latents[idx], timestep[idx], prompt_embeds[idx])
-            if negative_prompt_embeds is not None:
+            negative = negative_prompt_embeds[idx] if cfg else None
+            v = self.expert_velocities(name, latents[idx], timestep[idx], prompt_embeds[idx], negative)
+            velocity = v.v_cond
+            if cfg:
                 g = self.guidance_for_expert(name) if guidance is None else guidance
-                v_u = self.expert_velocity(name, latents[idx], timestep[idx], negative_prompt_embeds[idx])
-                v = v_u + g * (v - v_u)
-            out[idx.to(out.device)] = v.to(out.device)
+                velocity = guided_velocity(v.v_cond, v.v_uncond, g)
+            out[idx.to(out.device)] = velocity.to(out.device)
         return out
 
     # --- images ------------------------------------------------------------------------------------------

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from .data import DEFAULT_PROMPTS_PATH, read_prompts
+from .flow import MAX_SEQUENCE_LENGTH, NUM_TRAIN_TIMESTEPS
 
 VARIANTS = ("a14b", "ti2v-5b", "2.1")
 
-# Wan 2.2 A14B switches from the high-noise to the low-noise expert at t = 0.875 * 1000.
+# Wan 2.2 A14B switches from the high-noise to the low-noise expert at t = 0.875 * NUM_TRAIN_TIMESTEPS.
 A14B_BOUNDARY_RATIO = 0.875
 
 
@@ -68,7 +69,7 @@ def _tiny_tokenizer(prompts: list[str]):
     vocab += [(c, -20.0) for c in chars]
     extra_ids = 8
     vocab += [(f"<extra_id_{i}>", 0.0) for i in reversed(range(extra_ids))]
-    return T5Tokenizer(vocab=vocab, extra_ids=extra_ids, model_max_length=512)
+    return T5Tokenizer(vocab=vocab, extra_ids=extra_ids, model_max_length=MAX_SEQUENCE_LENGTH)
 
 
 def _tiny_text_encoder(vocab_size: int):
@@ -99,7 +100,7 @@ def build_tiny_wan(variant: str = "a14b", seed: int = 0, prompts_path: str | Pat
         torch.manual_seed(seed + 3)  # a different seed so the two experts really differ
         transformer_2 = WanTransformer3DModel(**tiny_transformer_config(variant)).eval()
     scheduler = UniPCMultistepScheduler(
-        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=1000,
+        prediction_type="flow_prediction", use_flow_sigmas=True, num_train_timesteps=NUM_TRAIN_TIMESTEPS,
         flow_shift=5.0 if variant == "ti2v-5b" else 3.0,
     )
     return WanPipeline(

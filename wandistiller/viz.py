@@ -1,4 +1,6 @@
-"""Notebook and headless display: live loss curves, sample grids and small analysis plots.
+"""Every table and figure: live loss curves, sample grids, tables, and the analysis and projection plots.
+
+The computing modules (`analysis`, `projection`, `evaluate`) return data; what a notebook shows of it is made here.
 
 Figures are `matplotlib.figure.Figure` objects made without pyplot, so nothing here selects a backend or
 opens a window, and the same code runs in JupyterLab, under papermill and in a plain script. Inside IPython a
@@ -9,12 +11,14 @@ headless stores the final figure once, not one copy per redraw. Outside IPython 
 
 from __future__ import annotations
 
+import html
 import io
 import json
 import math
 import numbers
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +75,55 @@ class _DisplaySlot:
             self._handle = display(png, display_id=True)
         else:
             self._handle.update(png)
+
+
+# --- tables -----------------------------------------------------------------------------------------------
+
+
+def format_value(value) -> str:
+    """A table cell: thousands separators for integers, 4 significant digits for floats, "-" for None."""
+    if value is None:
+        return "-"
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+@dataclass(repr=False)
+class Table:
+    """Rows for reading in a notebook: prints as fixed-width text, renders as HTML, `column(name)` for plots."""
+
+    columns: tuple[str, ...]
+    rows: list[tuple]
+    title: str = ""
+
+    def column(self, name: str) -> list:
+        i = self.columns.index(name)
+        return [row[i] for row in self.rows]
+
+    def to_records(self) -> list[dict]:
+        return [dict(zip(self.columns, row)) for row in self.rows]
+
+    def __str__(self) -> str:
+        cells = [self.columns] + [tuple(format_value(v) for v in row) for row in self.rows]
+        widths = [max(len(row[i]) for row in cells) for i in range(len(self.columns))]
+        # Numbers right-aligned, text left-aligned (judged on the first row).
+        first = self.rows[0] if self.rows else ()
+        numeric = [isinstance(v, (int, float)) and not isinstance(v, bool) for v in first] + [False] * len(widths)
+        fmt = lambda row: "  ".join(v.rjust(w) if n else v.ljust(w) for v, w, n in zip(row, widths, numeric)).rstrip()
+        lines = [self.title] if self.title else []
+        return "\n".join(lines + [fmt(cells[0]), fmt(["-" * w for w in widths])] + [fmt(r) for r in cells[1:]])
+
+    __repr__ = __str__
+
+    def _repr_html_(self) -> str:
+        cells = lambda row, tag: "".join(f"<{tag}>{html.escape(format_value(v))}</{tag}>" for v in row)
+        body = "".join(f"<tr>{cells(row, 'td')}</tr>" for row in self.rows)
+        title = html.escape(self.title).replace("\n", "<br>")  # a multi-line title keeps its lines
+        title = f"<p>{title}</p>" if self.title else ""
+        return f"{title}<table><thead><tr>{cells(self.columns, 'th')}</tr></thead><tbody>{body}</tbody></table>"
 
 
 # --- live loss plot ---------------------------------------------------------------------------------------
@@ -288,7 +341,7 @@ class SampleGrid:
         self.figure.savefig(path, format="png")
 
 
-# --- small analysis plots ---------------------------------------------------------------------------------
+# --- analysis plots ---------------------------------------------------------------------------------------
 
 
 def figure_and_axes(ax, figsize: tuple[float, float]):
@@ -334,7 +387,161 @@ def plot_spectrum(
     return fig
 
 
-# --- training callback --------------------------------------------------------------------------------------
+def subplots(ncols: int, nrows: int = 1, figsize: tuple[float, float] | None = None):
+    """A pyplot-free figure and its axes (a flat list), for composing `plot_bars` / `plot_spectrum` panels."""
+    fig = new_figure(figsize or (4.0 * ncols, 3.0 * nrows))
+    return fig, list(fig.subplots(nrows, ncols, squeeze=False).flat)
+
+
+
+def expert_schedule_summary(schedule) -> str:
+    """The steps each expert takes in an `analysis.ExpertSchedule`, in words."""
+    n = len(schedule.timesteps)
+    boundary = "no boundary (one expert)" if schedule.boundary is None else f"boundary t >= {schedule.boundary:g}"
+    parts = []
+    for name in dict.fromkeys(schedule.experts):
+        steps = [i for i, e in enumerate(schedule.experts) if e == name]
+        parts.append(f"{name}: {len(steps)} steps ({steps[0]}-{steps[-1]}), t {schedule.timesteps[steps[0]]:g} down to "
+                     f"{schedule.timesteps[steps[-1]]:g}, guidance {schedule.guidance[steps[0]]:g}")
+    return f"{n} steps, {boundary}\n" + "\n".join(parts)
+
+
+def plot_expert_schedule(schedule, ax=None) -> Figure:
+    """Timestep per sampling step of an `analysis.ExpertSchedule`, coloured by expert, the boundary dashed."""
+    fig, ax = figure_and_axes(ax, figsize=(6.0, 3.0))
+    roles = {"transformer": " (high noise)", "transformer_2": " (low noise)"} if schedule.boundary is not None else {}
+    for i, name in enumerate(dict.fromkeys(schedule.experts)):
+        steps = [s for s, e in enumerate(schedule.experts) if e == name]
+        ax.bar(steps, [schedule.timesteps[s] for s in steps], color=f"C{i}", label=name + roles.get(name, ""))
+    if schedule.boundary is not None:
+        ax.axhline(schedule.boundary, color="0.3", linestyle="--", label=f"boundary {schedule.boundary:g}")
+    ax.set(xlabel="sampling step", ylabel="timestep t", title="Expert per sampling step")
+    ax.legend(fontsize="small", loc="upper right")
+    return fig
+
+
+def plot_attention_maps(maps, head: int = 0, query: int | None = None) -> Figure:
+    """An `analysis.AttentionMaps`: the full N x N map and, on the latent grid, where one query token looks
+    (default: the centre)."""
+    h, w = maps.grid
+    query = (h // 2) * w + w // 2 if query is None else query
+    fig, (ax_map, ax_grid) = subplots(2, figsize=(9.0, 4.0))
+    image = ax_map.imshow(maps.weights[head].cpu(), cmap="viridis")
+    fig.colorbar(image, ax=ax_map, shrink=0.8, label="attention weight")
+    ax_map.set(xlabel="key token", ylabel="query token", title=f"block {maps.block}, head {head}: all {h * w} tokens")
+    image = ax_grid.imshow(maps.weights[head, query].reshape(h, w).cpu(), cmap="viridis")
+    ax_grid.plot(query % w, query // w, marker="x", color="red", markersize=10, linestyle="none",
+                 label=f"query token {query}")
+    fig.colorbar(image, ax=ax_grid, shrink=0.8, label="attention weight")
+    ax_grid.set(xlabel="patch column", ylabel="patch row", title=f"where token {query} looks ({h}x{w} patches)")
+    ax_grid.legend(fontsize="small", loc="lower right")
+    fig.suptitle(f"self-attention at t = {maps.timestep:g}")
+    return fig
+
+
+def plot_depth_map(depth_map: list[int], num_teacher_layers: int, ax=None):
+    """Teacher blocks (left) and student blocks (right), a line from each student block to its source."""
+    fig, ax = figure_and_axes(ax, figsize=(3.5, max(2.5, 0.25 * num_teacher_layers + 1)))
+    depth = len(depth_map)
+    # Student blocks spread over the teacher's height, so the lines show where each one comes from.
+    student_y = [0.0] if depth == 1 else [i * (num_teacher_layers - 1) / (depth - 1) for i in range(depth)]
+    for s, t in enumerate(depth_map):
+        ax.plot([0, 1], [t, student_y[s]], color="C0", linewidth=1.5)
+    kept = set(depth_map)
+    ax.scatter([0] * num_teacher_layers, range(num_teacher_layers), s=60, zorder=3,
+               color=["C0" if t in kept else "0.8" for t in range(num_teacher_layers)])
+    ax.scatter([1] * depth, student_y, s=60, color="C1", zorder=3)
+    for t in range(num_teacher_layers):
+        ax.annotate(str(t), (0, t), xytext=(-8, 0), textcoords="offset points", ha="right", va="center",
+                    fontsize="small")
+    for s, y in enumerate(student_y):
+        ax.annotate(str(s), (1, y), xytext=(8, 0), textcoords="offset points", ha="left", va="center",
+                    fontsize="small")
+    ax.set_xticks([0, 1], ["teacher block", "student block"])
+    ax.set_yticks([])
+    ax.set_xlim(-0.4, 1.4)
+    ax.invert_yaxis()  # block 0 (the input end) on top
+    ax.spines[:].set_visible(False)
+    ax.set_title(f"depth map: {num_teacher_layers} -> {depth} blocks")
+    return fig
+
+
+def plot_importance(scores, kept=None, labels=None, title: str = "", ax=None):
+    """`plot_bars` of importance scores with the units the student keeps in colour and the others grey."""
+    from matplotlib.patches import Patch
+
+    fig = plot_bars(scores, labels=labels, title=title, ax=ax)
+    ax = ax or fig.axes[-1]
+    if kept is not None:
+        kept = {int(i) for i in kept}
+        for i, bar in enumerate(ax.patches[-len(scores):]):
+            bar.set_color("C0" if i in kept else "0.75")
+        ax.legend(handles=[Patch(color="C0", label="kept"), Patch(color="0.75", label="removed")], fontsize="small")
+    return fig
+
+
+def importance_figure(report, block: int = 0):
+    """The importance scores behind a projection and what it kept: blocks, self-attention heads (all teacher
+    blocks), the FFN neurons of student block `block`'s source, and residual channels."""
+    imp, plan = report.importance, report.plan
+    if imp is None:
+        raise ValueError("this projection measured no importance (layers and width were not 'importance')")
+    layers, heads = imp.self_heads.shape
+    source = report.depth_map[block]
+    kept_heads = {t * heads + int(h) for s, t in enumerate(report.depth_map) for h in plan.self_heads[s]}
+    fig, axes = subplots(2, 2, figsize=(11.0, 6.0))
+    plot_importance(imp.block_influence, report.depth_map, [str(i) for i in range(layers)],
+                    "block influence (1 - cos), kept = depth map", axes[0])
+    plot_importance(imp.self_heads.flatten(), kept_heads, [f"{t}.{h}" for t in range(layers) for h in range(heads)],
+                    "self-attention heads (block.head)", axes[1])
+    plot_importance(imp.ffn_neurons[source], plan.ffn_neurons[block], None,
+                    f"FFN neurons of teacher block {source}", axes[2])
+    plot_importance(imp.channels, plan.channels, None, "residual-stream channels", axes[3])
+    for ax in axes[2:]:
+        ax.set_xlabel("index")
+    return fig
+
+
+def plot_spectra(weights: dict[str, torch.Tensor], kept_rank: dict[str, int]):
+    """`plot_spectrum` of several teacher matrices side by side, each with the rank a student of this size keeps."""
+    fig, axes = subplots(len(weights), figsize=(4.5 * len(weights), 3.2))
+    for ax, (name, weight) in zip(axes, weights.items()):
+        plot_spectrum(torch.linalg.svdvals(weight.detach().float().cpu()), kept_rank[name], ax=ax,
+                      title=f"{name} {tuple(weight.shape)}")
+    return fig
+
+
+
+# --- the projection report --------------------------------------------------------------------------------
+
+PROJECTION_COLUMNS = ("parameter", "kind", "teacher source", "shape", "source shape", "energy", "note")
+
+
+def projection_summary(report) -> str:
+    """What a `projection.ProjectionReport` did, in a few lines: sizes, methods, depth map, elements by kind."""
+    ratio = report.student_parameters / report.teacher_parameters
+    counts = ", ".join(f"{k} {v:,}" for k, v in report.counts().items() if v)
+    lines = [
+        f"Projection{' plan (meta device)' if report.plan_only else ''}: {report.teacher_parameters:,} teacher "
+        f"parameters ({'+'.join(report.experts)}, expert={report.expert}) -> {report.student_parameters:,} student "
+        f"({ratio:.2%}); layers={report.layers!r}, width={report.width!r}",
+        f"depth map (student block -> teacher block): {report.depth_map}",
+        f"elements by kind: {counts}",
+    ]
+    return "\n".join(lines + report.notes)
+
+
+def projection_table(report) -> Table:
+    """One row per student parameter of a `projection.ProjectionReport`, titled with its summary."""
+    rows = []
+    for r in report.records:
+        energy = "-" if r.energy_kept is None else f"{r.energy_kept:.3f}"
+        rows.append((r.name, r.kind, r.source or "-", "x".join(map(str, r.shape)),
+                     "x".join(map(str, r.source_shape)) if r.source_shape else "-", energy, r.note))
+    return Table(PROJECTION_COLUMNS, rows, projection_summary(report))
+
+
+# --- training callback ------------------------------------------------------------------------------------
 
 
 # What the live plot draws of what distill() logs (metrics.jsonl also has velocity, step, epoch, lr, samples_per_s).
