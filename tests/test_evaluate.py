@@ -1,6 +1,6 @@
 import pytest
 
-from wandistiller.evaluate import compare_speed_and_size, find_student, forward_flops, num_params
+from wandistiller.evaluate import compare_speed_and_size, find_pipeline, find_student, forward_flops, num_params
 from wandistiller.model import WanLiteTransformer2DModel
 from wandistiller.pipeline import WanLitePipeline
 
@@ -17,6 +17,17 @@ def test_find_student_prefers_ema_and_says_what_to_run(tmp_path):
     assert find_student(tmp_path, tmp_path / "distill" / "student").name == "student"
 
 
+def test_find_pipeline_in_its_folder_a_run_or_a_notebooks_output_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no Wan-Lite pipeline in .*output_dir/pipeline"):
+        find_pipeline(tmp_path)
+    for folder in (tmp_path / "distill" / "pipeline", tmp_path / "run" / "pipeline"):
+        folder.mkdir(parents=True)
+        (folder / "model_index.json").write_text("{}")
+    assert find_pipeline(tmp_path) == tmp_path / "distill" / "pipeline"  # notebook 03: output_dir/distill
+    assert find_pipeline(tmp_path / "run") == tmp_path / "run" / "pipeline"
+    assert find_pipeline(tmp_path / "run" / "pipeline") == tmp_path / "run" / "pipeline"
+
+
 def test_forward_flops_of_an_exact_student_equal_the_teachers(tiny_teacher):
     from wandistiller.projection import project
 
@@ -29,14 +40,16 @@ def test_forward_flops_of_an_exact_student_equal_the_teachers(tiny_teacher):
     assert forward_flops(student, (16, 16)) > teacher_flops
 
 
-def test_speed_and_size_table(tiny_teacher):
+@pytest.mark.parametrize("cfg_distilled, student_forwards", [(True, 2), (False, 4)])
+def test_speed_and_size_table(tiny_teacher, cfg_distilled, student_forwards):
     student = WanLiteTransformer2DModel.from_student_config(SMALL, tiny_teacher.transformer_config(), seed=0)
-    table = compare_speed_and_size(tiny_teacher, WanLitePipeline.from_teacher(tiny_teacher, student),
-                                   height=64, width=64, num_inference_steps=2, repeats=1)
+    pipe = WanLitePipeline.from_teacher(tiny_teacher, student, cfg_distilled=cfg_distilled)
+    table = compare_speed_and_size(tiny_teacher, pipe, height=64, width=64, num_inference_steps=2, repeats=1)
     teacher_row, student_row, gain = table.to_records()
     assert teacher_row["params"] == num_params(tiny_teacher.experts["transformer"])
     assert student_row["params"] == num_params(student)
-    assert (teacher_row["forwards/image"], student_row["forwards/image"]) == (4, 2)  # CFG: two per step
+    # CFG: two forwards per step; a CFG-distilled student needs one, any other samples with the teacher's guidance
+    assert (teacher_row["forwards/image"], student_row["forwards/image"]) == (4, student_forwards)
     assert teacher_row["FLOPs/image"] == 4 * teacher_row["forward FLOPs"]
     assert gain["FLOPs/image"] == f"{teacher_row['FLOPs/image'] / student_row['FLOPs/image']:.1f}x"
     assert all(row["images/s"] > 0 for row in (teacher_row, student_row))

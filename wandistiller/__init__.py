@@ -3,15 +3,16 @@
 from .data import TargetSpec, build_target_cache, load_target_cache, read_prompts
 from .loops import DistillConfig, DistillResult, distill
 from .model import WanLiteTransformer2DModel, load_student_config
-from .pipeline import WanLitePipeline
+from .pipeline import WanLitePipeline, export_pipeline
 from .projection import ProjectionReport, make_calibration, measure_importance, project
 from .teacher import Teacher, TeacherNotAvailableError, load_teacher
 from .toy import make_tiny_wan, tiny_wan_path
+from .vae2d import WanVAE2D, vae_to_2d
 
 __all__ = [
     "DistillConfig", "DistillResult", "TargetSpec", "Teacher", "TeacherNotAvailableError", "WanLitePipeline",
-    "ProjectionReport", "WanLiteTransformer2DModel", "build_target_cache", "make_calibration", "measure_importance",
-    "project", "distill", "load_student_config", "load_target_cache",
-    "load_teacher", "make_tiny_wan", "read_prompts", "tiny_wan_path",
+    "ProjectionReport", "WanLiteTransformer2DModel", "WanVAE2D", "build_target_cache", "export_pipeline",
+    "make_calibration", "measure_importance", "project", "distill", "load_student_config", "load_target_cache",
+    "load_teacher", "make_tiny_wan", "read_prompts", "tiny_wan_path", "vae_to_2d",
 ]
 __version__ = "0.1.0"

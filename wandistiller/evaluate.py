@@ -24,6 +24,28 @@ def find_student(output_dir: str | Path, student_path: str | Path | None = None)
                             "first (same output_dir) or pass student_path")
 
 
+def find_pipeline(path: str | Path) -> Path:
+    """The Wan-Lite pipeline folder at `path`: the folder itself, or the `pipeline/` a distillation run wrote in
+    `path` (a run's output_dir) or in `path/distill` (the notebooks' output_dir)."""
+    from .pipeline import PIPELINE_DIR
+
+    path = Path(path)
+    candidates = [path, path / PIPELINE_DIR, path / "distill" / PIPELINE_DIR]
+    found = next((c for c in candidates if (c / "model_index.json").is_file()), None)
+    if found is None and path.is_dir():
+        raise FileNotFoundError(f"no Wan-Lite pipeline in {path} (no model_index.json there nor in {PIPELINE_DIR}/): "
+                                "pass the pipeline folder a distillation run writes (output_dir/pipeline)")
+    return found or path
+
+
+def load_student_pipeline(path: str | Path, device: str | torch.device | None = None, **kwargs):
+    """A saved `WanLitePipeline` (see `find_pipeline` for where it is looked for), loaded offline, on `device`."""
+    from .pipeline import WanLitePipeline
+
+    pipe = WanLitePipeline.from_pretrained(find_pipeline(path), **kwargs)
+    return pipe if device is None else pipe.to(device)
+
+
 def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -68,7 +90,7 @@ def teacher_and_student_images(teacher, student_pipe, prompts: list[str], *, hei
         prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, height=height, width=width, num_frames=1,
         num_inference_steps=num_inference_steps, guidance_scale=teacher.guidance_scale,
         guidance_scale_2=teacher.guidance_scale_2, output_type="pil").frames
-    student_images = student_pipe(prompt_embeds=embeds, latents=noise[:, :, 0],
+    student_images = student_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise[:, :, 0],
                                   num_inference_steps=num_inference_steps, output_type="pil").images
     return {"teacher": [clip[0] for clip in teacher_images], "student": student_images}
 
@@ -78,8 +100,8 @@ def compare_speed_and_size(teacher, student_pipe, *, height: int, width: int, nu
     """Parameters, forward FLOPs, forwards and FLOPs per image, and measured images/s (teacher vs student).
 
     The teacher's parameters are one expert's (one is active per step); its images use CFG (two forwards per
-    step), the student's one forward per step. Both generate from prompt embeddings to latents, so the shared
-    text encoder and VAE do not blur the comparison.
+    step), the student's its pipeline's default (one forward per step when CFG-distilled). Both generate from
+    prompt embeddings to latents, so the shared text encoder and VAE do not blur the comparison.
     """
     noise = _noise(teacher, 1, height, width, seed=0)
     latent_hw = tuple(noise.shape[-2:])
@@ -95,12 +117,13 @@ def compare_speed_and_size(teacher, student_pipe, *, height: int, width: int, nu
                      guidance_scale_2=teacher.guidance_scale_2, output_type="latent")
 
     def student_sample():
-        student_pipe(prompt_embeds=embeds, latents=noise[:, :, 0], num_inference_steps=num_inference_steps,
-                     output_type="latent")
+        student_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise[:, :, 0],
+                     num_inference_steps=num_inference_steps, output_type="latent")
 
     rows = []
+    student_forwards = num_inference_steps * (2 if student_pipe.default_guidance_scale() > 1 else 1)
     for name, model, forwards, sample in (("teacher", expert, 2 * num_inference_steps, teacher_sample),
-                                          ("student", student, num_inference_steps, student_sample)):
+                                          ("student", student, student_forwards, student_sample)):
         flops = forward_flops(model, latent_hw, device=next(model.parameters()).device)
         rows.append((name, num_params(model), flops, forwards, flops * forwards,
                      images_per_second(sample, 1, repeats)))

@@ -307,7 +307,8 @@ def _check_projection(cfg: DistillConfig, student_cfg: StudentConfig, teacher_co
 
 # --- the run directory -----------------------------------------------------------------------------------------
 
-RUN_OUTPUTS = ("checkpoints", "student", "student_ema", "samples", "metrics.jsonl", "distill_config.json")
+RUN_OUTPUTS = ("checkpoints", "student", "student_ema", "pipeline", "samples", "metrics.jsonl",
+               "distill_config.json")
 
 
 def _claim_output_dir(out: Path, cfg: DistillConfig, rt: _Dist) -> None:
@@ -623,12 +624,24 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
             student.save_pretrained(ema_path, safe_serialization=True)
             ema.restore(student.parameters())
         (out / "distill_config.json").write_text(json.dumps(cfg.to_json(), indent=1, default=str))
+        _export_pipeline(out, ema_path or student_path, run.teacher, cfg)
     rt.barrier()
     result = DistillResult(out, student_path, ema_path, list_checkpoints(out), sample_paths, grid_paths,
                            metrics_path, metrics, step)
     if rt.is_main:
         _notify(cfg.callbacks, "on_end", result)
     return result
+
+
+def _export_pipeline(out: Path, student_path: Path, teacher, cfg: DistillConfig) -> Path:
+    """`out/pipeline`: the student (EMA weights when kept) with the teacher's other components, ready to sample.
+    Guided targets (cfg_distill with the teacher's CFG on) make a CFG-distilled student. A resumed run replaces
+    the pipeline its earlier part wrote, as it replaces the student."""
+    from .pipeline import PIPELINE_DIR, export_pipeline
+
+    return export_pipeline(out / PIPELINE_DIR, student_path, teacher.source,
+                           cfg_distilled=cfg.cfg_distill and teacher.guidance_scale > 1,
+                           teacher_guidance_scale=teacher.guidance_scale, overwrite=cfg.resume)
 
 
 def _feature_pairing(cfg: DistillConfig, student, teacher_config: dict, report, state, rt: _Dist) -> dict | None:

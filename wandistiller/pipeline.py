@@ -5,23 +5,33 @@ WanPipeline, not re-written), the same noise for the same generator (a single-fr
 elements of a 2D one), the same scheduler steps and classifier-free guidance, and the same VAE decoding. A
 student projected at the teacher's full size therefore samples the teacher's image.
 
-A CFG-distilled student needs one forward per step: `guidance_scale=1.0` (the default) skips the
-unconditional pass; `guidance_scale > 1` runs it as WanPipeline does.
+A CFG-distilled student needs one forward per step: its pipeline skips the unconditional pass unless a call
+asks for `guidance_scale > 1`; a student trained on unguided targets samples with its teacher's guidance.
+
+`export_pipeline` writes the self-contained folder a distillation run ends with (`output_dir/pipeline`):
+student, tokenizer, text encoder, the exact 2D form of the teacher's VAE (`WanVAE2D`) and scheduler, so that
+`WanLitePipeline.from_pretrained(folder)` samples offline with no 3D op and no teacher.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, WanPipeline
+from diffusers import AutoencoderKLWan, DiffusionPipeline, ImagePipelineOutput, WanPipeline
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
-# Imported here so that `WanLitePipeline.from_pretrained` finds the student's class: diffusers resolves a
-# custom component named "wandistiller.model" in model_index.json from the already-imported module.
+# Imported here so that `WanLitePipeline.from_pretrained` finds the student's and the 2D VAE's classes: diffusers
+# resolves the custom components "wandistiller.model" and "wandistiller.vae2d" in model_index.json from the
+# already-imported modules.
 from .model import WanLiteTransformer2DModel
+from .teacher import read_json
+from .vae2d import WanVAE2D, vae_to_2d
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 DEFAULT_IMAGE_SIZE = 64
+PIPELINE_DIR = "pipeline"  # the folder under a distillation run's output_dir that `distill` exports
 
 
 class WanLitePipeline(DiffusionPipeline):
@@ -31,8 +41,9 @@ class WanLitePipeline(DiffusionPipeline):
     Parameters:
         transformer ([`WanLiteTransformer2DModel`]):
             The 2D student that predicts the flow-matching velocity `noise - x0`.
-        vae ([`AutoencoderKLWan`]):
-            The teacher's Wan VAE; latents are decoded as single-frame videos.
+        vae ([`WanVAE2D`] or [`AutoencoderKLWan`]):
+            The teacher's Wan VAE: its exact 2D form (`vae_to_2d`, what `export_pipeline` stores) decodes images;
+            the 3D one decodes them as single-frame videos, with the same pixels.
         scheduler ([`SchedulerMixin`]):
             A flow-matching scheduler (the teacher's `UniPCMultistepScheduler`, or `FlowMatchEulerDiscreteScheduler`).
         tokenizer ([`T5Tokenizer`], *optional*):
@@ -41,6 +52,10 @@ class WanLitePipeline(DiffusionPipeline):
             The teacher's text encoder; not needed when every call passes `prompt_embeds`.
         expand_timesteps (`bool`, defaults to `False`):
             Give the transformer one timestep per latent patch, as WanPipeline does for Wan 2.2 TI2V-5B.
+        cfg_distilled (`bool`, defaults to `True`):
+            The student learned the teacher's guided velocity, so sampling skips guidance by default.
+        teacher_guidance_scale (`float`, *optional*):
+            The default guidance of a student that is not CFG-distilled (its teacher's scale); None: 1.0.
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -51,30 +66,47 @@ class WanLitePipeline(DiffusionPipeline):
     _get_t5_prompt_embeds = WanPipeline._get_t5_prompt_embeds
 
     def __init__(self, transformer: WanLiteTransformer2DModel, vae, scheduler, tokenizer=None, text_encoder=None,
-                 expand_timesteps: bool = False):
+                 expand_timesteps: bool = False, cfg_distilled: bool = True,
+                 teacher_guidance_scale: float | None = None):
         super().__init__()
         if transformer.config.in_channels != vae.config.z_dim:
             raise ValueError(f"the student takes {transformer.config.in_channels} latent channels but the VAE makes "
                              f"{vae.config.z_dim}: use the VAE of the teacher the student was built from")
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, tokenizer=tokenizer,
                               text_encoder=text_encoder)
-        self.register_to_config(expand_timesteps=expand_timesteps)
+        self.register_to_config(expand_timesteps=expand_timesteps, cfg_distilled=cfg_distilled,
+                                teacher_guidance_scale=teacher_guidance_scale)
         self.vae_scale_factor = vae.config.scale_factor_spatial
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
-    def from_teacher(cls, teacher, student: WanLiteTransformer2DModel, scheduler=None) -> "WanLitePipeline":
+    def from_teacher(cls, teacher, student: WanLiteTransformer2DModel, scheduler=None, *, vae_2d: bool = False,
+                     cfg_distilled: bool = True, teacher_guidance_scale: float | None = None) -> "WanLitePipeline":
         """A pipeline for `student` sharing the teacher's VAE, tokenizer and text encoder.
 
         `teacher` is a `Teacher` (see `load_teacher`) or a WanPipeline. `scheduler` defaults to a fresh copy of
-        the teacher's scheduler (same class and config). A released text encoder stays None: the pipeline then
-        needs `prompt_embeds` (e.g. from `Teacher.encode_prompts`).
+        the teacher's scheduler (same class and config). `vae_2d` swaps the VAE for its exact 2D form.
+        `teacher_guidance_scale` defaults to a `Teacher`'s own scale. A released text encoder stays None: the
+        pipeline then needs `prompt_embeds` (e.g. from `Teacher.encode_prompts`).
         """
         wan = getattr(teacher, "pipe", teacher)
         if scheduler is None:
             scheduler = type(wan.scheduler).from_config(wan.scheduler.config)
-        return cls(transformer=student, vae=wan.vae, scheduler=scheduler, tokenizer=wan.tokenizer,
-                   text_encoder=wan.text_encoder, expand_timesteps=bool(wan.config.get("expand_timesteps", False)))
+        if teacher_guidance_scale is None and wan is not teacher:
+            teacher_guidance_scale = teacher.guidance_scale
+        return cls(transformer=student, vae=vae_to_2d(wan.vae) if vae_2d else wan.vae, scheduler=scheduler,
+                   tokenizer=wan.tokenizer, text_encoder=wan.text_encoder,
+                   expand_timesteps=bool(wan.config.get("expand_timesteps", False)), cfg_distilled=cfg_distilled,
+                   teacher_guidance_scale=teacher_guidance_scale)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "WanLitePipeline":
+        """`DiffusionPipeline.from_pretrained`; a local path is checked first (`check_pipeline_folder`), so a
+        folder that is not a Wan-Lite pipeline is a one-line error instead of a failure deep in diffusers."""
+        name = str(pretrained_model_name_or_path)
+        if Path(name).expanduser().exists() or name.startswith((".", "/", "~")) or name.count("/") != 1:  # local
+            name = str(check_pipeline_folder(Path(name).expanduser()))
+        return super().from_pretrained(name, **kwargs)
 
     # --- inputs ----------------------------------------------------------------------------------------------
     @property
@@ -90,6 +122,12 @@ class WanLitePipeline(DiffusionPipeline):
             return DEFAULT_IMAGE_SIZE, DEFAULT_IMAGE_SIZE
         h, w = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
         return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    def default_guidance_scale(self) -> float:
+        """1.0 (one forward per step) for a CFG-distilled student, else its teacher's guidance scale."""
+        if self.config.cfg_distilled or self.config.teacher_guidance_scale is None:
+            return 1.0
+        return float(self.config.teacher_guidance_scale)
 
     def check_inputs(self, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
                      output_type):
@@ -151,15 +189,16 @@ class WanLitePipeline(DiffusionPipeline):
 
     # --- outputs ---------------------------------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
-        """Decode (B, C, h, w) latents as single-frame Wan videos; de-normalised exactly as WanPipeline does."""
+        """Decode (B, C, h, w) latents, de-normalised exactly as WanPipeline does; a 3D VAE gets one frame."""
         vae = self.vae
-        latents = latents.unsqueeze(2).to(get_module_execution_device(vae), dtype=vae.dtype)
-        shape = (1, vae.config.z_dim, 1, 1, 1)
+        is_3d = isinstance(vae, AutoencoderKLWan)
+        latents = (latents.unsqueeze(2) if is_3d else latents).to(get_module_execution_device(vae), dtype=vae.dtype)
+        shape = (1, vae.config.z_dim) + (1,) * (latents.ndim - 2)
         latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
         latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
         latents = latents / latents_std + latents_mean  # WanPipeline's arithmetic, so the pixels match bit for bit
-        images = vae.decode(latents, return_dict=False)[0][:, :, 0]
-        return self.image_processor.postprocess(images, output_type=output_type)
+        images = vae.decode(latents, return_dict=False)[0]
+        return self.image_processor.postprocess(images[:, :, 0] if is_3d else images, output_type=output_type)
 
     # --- sampling --------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -173,7 +212,7 @@ class WanLitePipeline(DiffusionPipeline):
         height: int | None = None,
         width: int | None = None,
         num_inference_steps: int = 8,
-        guidance_scale: float = 1.0,
+        guidance_scale: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
@@ -197,9 +236,9 @@ class WanLitePipeline(DiffusionPipeline):
                 else `default_image_size()`.
             num_inference_steps (`int`, defaults to 8):
                 Scheduler steps.
-            guidance_scale (`float`, defaults to 1.0):
-                Classifier-free guidance; 1.0 means one (conditional) forward per step, as for a CFG-distilled
-                student.
+            guidance_scale (`float`, *optional*):
+                Classifier-free guidance; 1.0 means one (conditional) forward per step. Default:
+                `default_guidance_scale()` (1.0 for a CFG-distilled student, else its teacher's scale).
             generator (`torch.Generator` or `list[torch.Generator]`, *optional*):
                 Makes the noise deterministic; the same generator gives the same noise as WanPipeline with
                 `num_frames=1`.
@@ -229,6 +268,7 @@ class WanLitePipeline(DiffusionPipeline):
             batch_size = 1 if isinstance(prompt, str) else len(prompt)
         else:
             batch_size = prompt_embeds.shape[0]
+        guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
         do_cfg = guidance_scale > 1.0
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, negative_prompt, do_cfg, prompt_embeds, negative_prompt_embeds, max_sequence_length, device,
@@ -259,3 +299,46 @@ class WanLitePipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+def check_pipeline_folder(folder: str | Path) -> Path:
+    """`folder` if it holds a saved Wan-Lite pipeline with every component's subfolder; else a one-line error."""
+    folder = Path(folder)
+    fix = "pass the pipeline folder a distillation run writes (output_dir/pipeline), or export one with export_pipeline"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} does not exist: {fix}")
+    if not (folder / "model_index.json").is_file():
+        raise ValueError(f"{folder} is not a Wan-Lite pipeline (no model_index.json): {fix}")
+    index = read_json(folder / "model_index.json")
+    found = index.get("_class_name") if isinstance(index, dict) else type(index).__name__
+    if found != WanLitePipeline.__name__:
+        raise ValueError(f"{folder} holds a {found}, not a Wan-Lite pipeline: {fix}")
+    missing = [name for name, value in index.items() if not name.startswith("_") and isinstance(value, list)
+               and value[0] is not None and not (folder / name).is_dir()]
+    if missing:
+        raise ValueError(f"{folder} is an incomplete Wan-Lite pipeline (no {', '.join(missing)} folder): "
+                         "export it again")
+    return folder
+
+
+def export_pipeline(folder: str | Path, student: WanLiteTransformer2DModel | str | Path, teacher_source: str | Path,
+                    *, cfg_distilled: bool, teacher_guidance_scale: float | None = None, vae_2d: bool = True,
+                    overwrite: bool = False) -> Path:
+    """Write a self-contained WanLitePipeline to `folder`: `student` (a model or its saved folder) with the
+    tokenizer, text encoder, VAE (its exact 2D form unless `vae_2d=False`) and scheduler of the Wan pipeline in
+    `teacher_source` (a local folder; the teacher's transformers are not loaded).
+
+    The folder appears atomically (written under a temporary name, then renamed), so it is either complete or
+    absent; an existing one is replaced only with `overwrite=True`. Returns `folder`.
+    """
+    from .toy import write_pipeline
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise FileExistsError(f"{folder} already exists: pass overwrite=True to replace it, or choose another folder")
+    if not isinstance(student, WanLiteTransformer2DModel):
+        student = WanLiteTransformer2DModel.from_pretrained(student)
+    wan = WanPipeline.from_pretrained(teacher_source, transformer=None, transformer_2=None)
+    pipe = WanLitePipeline.from_teacher(wan, student, vae_2d=vae_2d, cfg_distilled=cfg_distilled,
+                                        teacher_guidance_scale=teacher_guidance_scale)
+    return write_pipeline(pipe, folder, overwrite=overwrite)
