@@ -1,4 +1,5 @@
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -104,3 +105,77 @@ def test_relative_paths_on_the_command_line_mean_the_callers_folder(tmp_path, mo
                            "student_config": "missing.json", "num_epochs": 3})
     assert out == {"data_path": str(tmp_path / "prompts.txt"), "output_dir": str(tmp_path / "runs" / "a"),
                    "teacher_path": "tiny", "student_config": "missing.json", "num_epochs": 3}
+
+
+# --- wandistiller generate ---------------------------------------------------------------------------------------
+
+GENERATE = ["--num_inference_steps", "2", "--height", "32", "--width", "48"]
+
+
+@pytest.fixture(scope="module")
+def exported_run(tmp_path_factory, wandistiller_home):
+    """A distillation run's output_dir holding only its exported pipeline (a small student of the 2.1 teacher)."""
+    from wandistiller.model import WanLiteTransformer2DModel
+    from wandistiller.pipeline import export_pipeline
+    from wandistiller.teacher import load_teacher
+
+    teacher = load_teacher("tiny-2.1", device_strategy="cpu")
+    student = WanLiteTransformer2DModel.from_student_config({"hidden_size": 32, "depth": 1, "num_heads": 2},
+                                                            teacher.pipe.transformer, seed=0)
+    run = tmp_path_factory.mktemp("run")
+    export_pipeline(run / "pipeline", student, teacher.source, cfg_distilled=True)
+    return run
+
+
+def _pixels(path):
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(Image.open(path).convert("RGB")).astype(int)
+
+
+def test_generate_is_deterministic_per_seed_and_tiles_prompts_in_order(exported_run, tmp_path, capsys):
+    grid = tmp_path / "out" / "grid.png"
+    cmd = [sys.executable, "-m", "wandistiller", "generate", "--model", str(exported_run / "pipeline"),
+           "--prompt", "a red fox", "--prompt", "a blue cat", "--output", str(grid), "--seed", "3", *GENERATE]
+    # A fresh process, offline, in another folder: nothing but the pipeline folder is needed.
+    run = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert f"2 image(s) written to {grid}" in run.stdout
+    tiles = _pixels(grid)
+    assert tiles.shape == (32, 2 * 48, 3)  # two prompts side by side
+    assert main(["generate", "--model", str(exported_run), "--prompt", "a red fox", "--prompt", "a blue cat",
+                 "--output", str(grid), "--seed", "3", *GENERATE]) == 2
+    assert "already exists: pass --overwrite" in capsys.readouterr().err
+    assert main(["generate", "--model", str(exported_run), "--prompt", "a red fox", "--prompt", "a blue cat",
+                 "--output", str(grid), "--seed", "3", "--overwrite", *GENERATE]) == 0
+    assert (_pixels(grid) == tiles).all()  # same seed, same image (and the run folder finds its pipeline/)
+    alone = tmp_path / "fox.png"
+    assert main(["generate", "--model", str(exported_run), "--prompt", "a red fox", "--output", str(alone),
+                 "--seed", "3", *GENERATE]) == 0
+    # The fox's image does not depend on the other prompt (batched vs alone: reduction order, at most 1 level).
+    # (The random tiny model barely listens to text, so the two tiles look alike: their order is not checked here.)
+    assert abs(_pixels(alone) - tiles[:, :48]).max() <= 1
+    other_seed = tmp_path / "fox_seed4.png"
+    assert main(["generate", "--model", str(exported_run), "--prompt", "a red fox", "--output", str(other_seed),
+                 "--seed", "4", *GENERATE]) == 0
+    assert abs(_pixels(other_seed) - _pixels(alone)).max() > 10
+
+
+@pytest.mark.parametrize("model, output, message", [
+    ("teacher", "x.png", "holds a WanPipeline, not a Wan-Lite pipeline"),
+    ("empty", "x.png", "no Wan-Lite pipeline in"),
+    ("missing", "x.png", "does not exist"),
+    ("run", "x.unknown", "no image extension PIL can write"),
+])
+def test_generate_errors_are_one_line_and_write_nothing(exported_run, tmp_path, capsys, model, output, message):
+    from wandistiller.toy import tiny_wan_path
+
+    folders = {"teacher": tiny_wan_path("2.1"), "empty": tmp_path / "empty", "missing": tmp_path / "missing",
+               "run": exported_run}
+    (tmp_path / "empty").mkdir()
+    out = tmp_path / output
+    assert main(["generate", "--model", str(folders[model]), "--prompt", "a cat", "--output", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()

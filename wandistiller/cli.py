@@ -1,4 +1,4 @@
-"""The `wandistiller` command: build the tiny teacher, run the demo, run notebooks, distil."""
+"""The `wandistiller` command: build the tiny teacher, run the demo, run notebooks, distil, generate images."""
 
 from __future__ import annotations
 
@@ -104,7 +104,51 @@ def _distill(args) -> int:
     params = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
     result = distill(**params)
     if result.student_path is not None:
-        print(f"student saved to {result.student_path} ({result.steps} steps; metrics in {result.metrics_path})")
+        print(f"student saved to {result.student_path} ({result.steps} steps; metrics in {result.metrics_path}); "
+              f"pipeline for `wandistiller generate` in {result.output_dir / 'pipeline'}")
+    return 0
+
+
+def _image_output_path(output: str, overwrite: bool) -> Path:
+    """`output` checked before any weights load: a format PIL writes, and no silent overwrite."""
+    from PIL import Image
+
+    path = Path(output)
+    if path.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--output {path} has no image extension PIL can write: use e.g. .png or .jpg")
+    if path.exists() and not overwrite:
+        raise FileExistsError(f"{path} already exists: pass --overwrite to replace it, or choose another --output")
+    return path
+
+
+def generate_images(model: str | Path, prompts: list[str], *, seed: int = 0, device: str | None = None, **call):
+    """One image per prompt from a saved Wan-Lite pipeline. Every prompt's noise comes from its own CPU generator
+    seeded with `seed`, so an image depends only on its prompt, the seed and the settings (not on the device or
+    on the other prompts)."""
+    import torch
+
+    from .evaluate import load_student_pipeline
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    pipe = load_student_pipeline(model, device=device)
+    generators = [torch.Generator().manual_seed(seed) for _ in prompts]
+    call = {name: value for name, value in call.items() if value is not None}
+    return pipe(prompts, generator=generators, **call).images
+
+
+def _generate(args) -> int:
+    import math
+
+    from .viz import image_grid
+
+    output = _image_output_path(args.output, args.overwrite)
+    images = generate_images(args.model, args.prompt, seed=args.seed, device=args.device,
+                             num_inference_steps=args.num_inference_steps, guidance_scale=args.guidance_scale,
+                             height=args.height, width=args.width)
+    image = images[0] if len(images) == 1 else image_grid(images, nrow=math.ceil(math.sqrt(len(images))))
+    output.parent.mkdir(parents=True, exist_ok=True)
+    image.save(output)
+    print(f"{len(images)} image(s) written to {output}")
     return 0
 
 
@@ -180,6 +224,23 @@ def build_parser() -> argparse.ArgumentParser:
                                    "-m wandistiller distill ... --distributed` every rank runs this command.")
     _add_distill_arguments(p)
     p.set_defaults(func=_distill)
+
+    p = sub.add_parser("generate", help="generate images with a saved Wan-Lite pipeline (output_dir/pipeline)",
+                       description="Generate images from text with a Wan-Lite pipeline folder, offline. Several "
+                                   "prompts give one grid image, in prompt order.")
+    p.add_argument("--model", required=True, help="the pipeline folder, or a distillation run's output_dir")
+    p.add_argument("--prompt", required=True, action="append", help="a prompt (repeat for several: a grid)")
+    p.add_argument("--output", required=True, help="image file to write, e.g. out.png")
+    p.add_argument("--num_inference_steps", type=int, help="sampling steps (default: the pipeline's, 8)")
+    p.add_argument("--guidance_scale", type=float,
+                   help="CFG scale (default: 1.0 for a CFG-distilled student, one forward per step; else the "
+                        "teacher's)")
+    p.add_argument("--seed", type=int, default=0, help="the same seed gives the same image (default: 0)")
+    p.add_argument("--height", type=int, help="pixels (default: the student's image size)")
+    p.add_argument("--width", type=int, help="pixels (default: the student's image size)")
+    p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    p.set_defaults(func=_generate)
     return parser
 
 
