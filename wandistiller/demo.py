@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-NOTEBOOK_DIR = Path(__file__).resolve().parent.parent / "notebooks"
+from .data import packaged_file
+
+NOTEBOOK_DIR = packaged_file("notebooks")
 
 
 def run_demo(output_dir: Path, teacher_path: str = "tiny") -> list[Path]:

@@ -30,12 +30,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from . import shapes, text_padding
-from .data import _atomic_save
+from . import flow, shapes, text_padding
+from .cache import save_atomically as _atomic_save
+from .data import packaged_file
 from .toy import write_pipeline
 
-TOY_WORLD_PATH = Path(__file__).resolve().parent.parent / "data" / "toy_world"
-TEXT_LENGTH = 512  # WanPipeline's max_sequence_length: the text the experts see at sampling time
+TOY_WORLD_PATH = packaged_file("data", "toy_world")
+TEXT_LENGTH = flow.MAX_SEQUENCE_LENGTH  # the text the experts see at sampling time
 BOUNDARY_RATIO = 0.875
 
 
@@ -126,7 +127,7 @@ def build_scheduler(recipe: ToyWorldRecipe):
     from diffusers import UniPCMultistepScheduler
 
     return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True,
-                                   num_train_timesteps=1000, flow_shift=recipe.flow_shift)
+                                   num_train_timesteps=flow.NUM_TRAIN_TIMESTEPS, flow_shift=recipe.flow_shift)
 
 
 # ------------------------------------------------------------------------------------------ checkpoint files
@@ -356,11 +357,10 @@ def encode_text(text_encoder, ids: torch.Tensor, processor) -> torch.Tensor:
 def flow_batch(latents: torch.Tensor, sigma_range: tuple[float, float], shift: float, generator) -> tuple:
     """Noisy latents, timesteps and velocity targets (Wan: x_t = (1-s) x0 + s n, v = n - x0, t = 1000 s)."""
     u = torch.rand(latents.shape[0], generator=generator)
-    sigma = shift * u / (1 + (shift - 1) * u)
-    sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * sigma
+    sigma = sigma_range[0] + (sigma_range[1] - sigma_range[0]) * flow.shift_sigma(u, shift)
     noise = torch.randn(latents.shape, generator=generator)
-    s = sigma.view(-1, 1, 1, 1, 1)
-    return (1 - s) * latents + s * noise, sigma * 1000, noise - latents
+    s = flow.per_sample(sigma, latents)
+    return (1 - s) * latents + s * noise, flow.timestep_from_sigma(sigma), noise - latents
 
 
 def _sigma_range(stage: str) -> tuple[float, float]:
