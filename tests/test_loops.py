@@ -98,6 +98,15 @@ def test_feature_distillation_trains_adapters(tmp_path):
                      teacher_targets="online", latent_source="noise", samples_per_prompt=2, batch_size=4,
                      feature_weight=0.5, max_steps=4, progress=False, save_samples=False)
     assert all(m["feature"] > 0 for m in result.metrics)
+    # the adapters were trained with the student: every one of their tensors moved from its initial value
+    from wandistiller.loss import FeatureAdapters
+
+    state = torch.load(result.checkpoints[-1] / "training_state.pt", weights_only=True)
+    pairing = state["feature_pairing"]
+    initial = FeatureAdapters(16, 32, len(pairing["depth_map"]), channels=pairing["channels"]).state_dict()
+    assert set(state["loss_fn"]) == {f"adapters.{name}" for name in initial}
+    for name, value in initial.items():
+        assert not torch.equal(state["loss_fn"][f"adapters.{name}"], value), f"adapter {name} was never updated"
     with pytest.raises(ValueError, match="teacher_targets='online'"):
         distill(output_dir=str(tmp_path / "bad"), feature_weight=0.5)
 
@@ -201,11 +210,131 @@ def test_killed_run_resumes_exactly(tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     a, b = _losses(tmp_path / "ref" / "metrics.jsonl"), _losses(run / "metrics.jsonl")
     assert len(b) == 60
-    assert b == pytest.approx(a, rel=1e-5, abs=1e-7)
+    assert b == a
+    assert_same_final_state(tmp_path / "ref", run)
     for checkpoint in list_checkpoints(run):
         WanLiteTransformer2DModel.from_pretrained(checkpoint / "student")
         torch.load(checkpoint / "training_state.pt", weights_only=True)
     assert not list((run / "checkpoints").glob(".tmp_*"))
+
+
+def assert_same(a, b, where="state"):
+    """Equal bit for bit: tensors with atol=0, containers element by element, everything else with ==."""
+    if isinstance(a, torch.Tensor):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{where}: {m}")
+    elif isinstance(a, dict):
+        assert set(a) == set(b), f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"
+        for key in a:
+            assert_same(a[key], b[key], f"{where}[{key!r}]")
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b), f"{where}: length {len(a)} != {len(b)}"
+        for i, (x, y) in enumerate(zip(a, b)):
+            assert_same(x, y, f"{where}[{i}]")
+    else:
+        assert a == b, f"{where}: {a!r} != {b!r}"
+
+
+def assert_same_final_state(a: Path, b: Path) -> None:
+    """Two runs end in the same state: last checkpoint (student, optimiser, schedule, EMA, adapters, data position,
+    RNG) and the exported student and EMA student, bit for bit."""
+    last_a, last_b = list_checkpoints(a)[-1], list_checkpoints(b)[-1]
+    assert last_a.name == last_b.name
+    assert_same(torch.load(last_a / "training_state.pt", weights_only=True),
+                torch.load(last_b / "training_state.pt", weights_only=True), "training_state")
+    for folder in (Path("checkpoints") / last_a.name / "student", Path("student"), Path("student_ema")):
+        weights = folder / "diffusion_pytorch_model.safetensors"
+        assert_same(load_file(a / weights), load_file(b / weights), str(folder))
+
+
+class _Interrupted(Exception):
+    pass
+
+
+class _StopAtStep:
+    """A callback that interrupts the run at one step, after the step and before its checkpoint."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, step, record):
+        if step == self.step:
+            raise _Interrupted(f"stopped at step {step}")
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory) -> dict:
+    """Parameters of a short cached run: 2 prompts x 3 noise samples = 6 targets, batch 2, two epochs (6 steps),
+    a checkpoint every step, EMA on, from a saved random student; the targets are built once by the first run."""
+    root = tmp_path_factory.mktemp("short_run")
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(read_prompts()[:2]), encoding="utf-8")
+    init = root / "init"
+    WanLiteTransformer2DModel.from_student_config(SMALL, TINY_EXPERT, seed=0).save_pretrained(init)
+    return dict(data_path=str(prompts), student_config=SMALL, student_init=str(init), latent_source="noise",
+                samples_per_prompt=3, batch_size=2, num_epochs=2, lr=1e-3, ema_decay=0.9, cfg_distill=False,
+                checkpoint_interval=1, keep_checkpoints=100, cache_dir=str(root / "cache"), progress=False,
+                save_samples=False)
+
+
+@pytest.fixture(scope="module")
+def short_reference(short_run, tmp_path_factory):
+    return distill(output_dir=str(tmp_path_factory.mktemp("short_reference") / "run"), **short_run)
+
+
+def test_the_ema_is_the_running_average_of_every_step(short_run, short_reference):
+    from diffusers.training_utils import EMAModel
+
+    assert [c.name for c in short_reference.checkpoints] == [f"step_{s:07d}" for s in range(1, 7)]
+    replay = WanLiteTransformer2DModel.from_pretrained(short_run["student_init"])
+    ema = EMAModel(replay.parameters(), decay=short_run["ema_decay"])
+    for checkpoint in short_reference.checkpoints:  # the student after each step
+        ema.step(WanLiteTransformer2DModel.from_pretrained(checkpoint / "student").parameters())
+    ema.copy_to(replay.parameters())
+    saved = load_file(short_reference.ema_path / "diffusion_pytorch_model.safetensors")
+    assert_same(saved, {name: p.detach() for name, p in replay.named_parameters()}, "student_ema")
+    last = load_file(short_reference.student_path / "diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(saved[name], last[name]) for name in saved)  # an average, not the last weights
+
+
+def test_an_interrupted_run_resumes_to_the_same_state_bit_for_bit(short_run, short_reference, tmp_path):
+    out = str(tmp_path / "run")
+    with pytest.raises(_Interrupted):
+        distill(output_dir=out, callbacks=[_StopAtStep(5)], **short_run)
+    assert list_checkpoints(out)[-1].name == "step_0000004"  # mid-epoch: the data position must come back too
+    resumed = distill(output_dir=out, resume=True, **short_run)
+    assert resumed.steps == 6
+    assert _losses(resumed.metrics_path) == _losses(short_reference.metrics_path)
+    assert_same_final_state(short_reference.output_dir, Path(out))
+
+
+def _first_step_loss(run: dict, cfg_distill: bool) -> float:
+    """The loss of the first step, computed here from the initial student and the cached targets, on the batch
+    the loop draws first (its sampler, seed 0, epoch 0)."""
+    from wandistiller.loss import DistillLoss
+    from wandistiller.teacher import read_teacher_info
+
+    prompts = read_prompts(run["data_path"])
+    spec = TargetSpec(latent_source="noise", samples_per_prompt=run["samples_per_prompt"], height=64, width=64)
+    targets, _ = load_target_cache(run["cache_dir"], read_teacher_info("tiny").fingerprint(), spec, prompts)
+    sampler = torch.utils.data.DistributedSampler(targets, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    sampler.set_epoch(0)
+    loader = torch.utils.data.DataLoader(targets, batch_size=run["batch_size"], sampler=sampler, drop_last=True)
+    batch = next(iter(loader))
+    student = WanLiteTransformer2DModel.from_pretrained(run["student_init"]).train()
+    with torch.no_grad():
+        pred = student(batch["latents"], batch["timesteps"], targets.prompt_embeds[batch["prompt_index"]]).sample
+    parts = DistillLoss(cfg_distill=cfg_distill)(pred.float(), batch["v_cond"], batch["v_uncond"], batch["guidance"],
+                                                  timestep=batch["timesteps"])
+    return float(parts["loss"])
+
+
+def test_cfg_distill_chooses_the_guided_or_the_conditional_target(short_run, short_reference, tmp_path):
+    conditional, guided = _first_step_loss(short_run, False), _first_step_loss(short_run, True)
+    print(f"first-step loss: conditional target {conditional:.8g}, guided target {guided:.8g}")
+    assert conditional != guided
+    assert short_reference.metrics[0]["loss"] == conditional  # the reference runs with cfg_distill=False
+    run = distill(output_dir=str(tmp_path / "guided"), **{**short_run, "cfg_distill": True, "max_steps": 1})
+    assert run.metrics[0]["loss"] == guided
 
 
 def test_an_earlier_run_is_never_replaced_silently(tmp_path):

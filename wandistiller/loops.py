@@ -524,8 +524,10 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     local_batch = cfg.batch_size // rt.world_size
     sampler = torch.utils.data.DistributedSampler(targets, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
                                                   seed=cfg.seed, drop_last=True)
+    # Each epoch's iterator draws a seed from the loader's generator: with its own, the global RNG (checkpointed)
+    # is not advanced by it, so a resumed run's RNG stream is the uninterrupted run's.
     loader = torch.utils.data.DataLoader(targets, batch_size=local_batch, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.num_workers)
+                                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
     steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
     if steps_per_epoch == 0:
         raise ValueError(f"{len(targets)} targets give no full batch of {cfg.batch_size}: lower batch_size or add prompts")
@@ -544,6 +546,8 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
         step, epoch, batch_in_epoch = _restore_training_state(state, optimizer, lr_scheduler, ema, loss_fn, rt.device)
+    else:  # training's random stream starts from the seed, whatever the setup drew (a cache built here or reused)
+        torch.manual_seed(cfg.seed)
 
     metrics_path = out / "metrics.jsonl"
     metrics = _prepare_metrics(metrics_path, step, rt.is_main)
