@@ -69,7 +69,11 @@ def run_notebook(notebook: str | Path, parameters: dict | None = None, output: s
     if not notebook.is_file():
         raise FileNotFoundError(f"notebook {notebook} does not exist: see notebooks/ for 01_...04_")
     parameters = _absolute_paths(parameters or {})
-    known = papermill.inspect_notebook(str(notebook))
+    try:
+        known = papermill.inspect_notebook(str(notebook))
+    except ValueError as err:  # nbformat's NotJSONError and NBFormatError
+        raise ValueError(f"{notebook} is not a notebook ({str(err).splitlines()[0][:80]}): pass an .ipynb file such as "
+                         "notebooks/03_distill.ipynb") from None
     unknown = sorted(set(parameters) - set(known))
     if unknown:
         raise ValueError(f"unknown parameter(s) {', '.join(unknown)} for {notebook.name}: it takes {', '.join(known)}")
@@ -174,10 +178,17 @@ def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
                                 help=f"(default: {f.default})")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors on one line: the usage of `distill` alone lists dozens of flags."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .toy import VARIANTS
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="wandistiller",
         description="Distil the Wan 2.2 text-to-video model into Wan-Lite, a small 2D text-to-image model.",
     )

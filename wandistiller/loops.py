@@ -187,7 +187,19 @@ def _resolve_config(config, params) -> DistillConfig:
     return dataclasses.replace(config, **params)
 
 
+_COUNTS = ("batch_size", "num_epochs", "gradient_accumulation_steps", "num_inference_steps", "samples_per_prompt",
+           "checkpoint_interval", "keep_checkpoints", "sample_interval")
+
+
 def _check(cfg: DistillConfig, world_size: int) -> None:
+    for name in _COUNTS:
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a whole number of at least 1")
+    if not cfg.lr > 0:
+        raise ValueError(f"lr={cfg.lr!r} must be positive, e.g. 1e-4")
+    if not 0 <= cfg.ema_decay < 1:
+        raise ValueError(f"ema_decay={cfg.ema_decay!r} must be in [0, 1): 0 turns the EMA off, 0.999 is usual")
     if cfg.batch_size % world_size:
         raise ValueError(f"batch_size={cfg.batch_size} is the global batch and must divide by the {world_size} ranks")
     if cfg.teacher_targets not in ("cache", "online"):
@@ -313,6 +325,8 @@ RUN_OUTPUTS = ("checkpoints", "student", "student_ema", "pipeline", "samples", "
 
 def _claim_output_dir(out: Path, cfg: DistillConfig, rt: _Dist) -> None:
     """Refuse to train over an earlier run unless told to resume it or to replace it: nothing is lost silently."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file: choose a folder (new or holding a run to resume)")
     existing = [name for name in RUN_OUTPUTS if (out / name).exists()]
     if existing and not cfg.resume:
         if not cfg.overwrite:

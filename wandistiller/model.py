@@ -341,7 +341,7 @@ def load_student_config(config: StudentConfig | dict | str | Path) -> StudentCon
     if isinstance(config, StudentConfig):
         return config
     if isinstance(config, (str, Path)):
-        config = json.loads(Path(config).read_text(encoding="utf-8"))
+        config = _read_student_config_file(Path(config))
     if not isinstance(config, dict):
         raise TypeError(f"student config must be a StudentConfig, dict or JSON path, got {type(config).__name__}")
     known = {f.name for f in dataclasses.fields(StudentConfig)}
@@ -349,7 +349,35 @@ def load_student_config(config: StudentConfig | dict | str | Path) -> StudentCon
     unknown = sorted(set(values) - known)
     if unknown:
         raise ValueError(f"unknown student config key(s) {unknown}; known keys: {sorted(known)}")
+    for name in ("hidden_size", "depth", "num_heads", "ffn_dim", "image_size", "text_max_length"):
+        value = values.get(name)
+        if name in values and not (name == "ffn_dim" and value is None) and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ValueError(f"student config {name}={value!r} must be a positive whole number")
+    hidden_size = values.get("hidden_size", StudentConfig.hidden_size)
+    num_heads = values.get("num_heads", StudentConfig.num_heads)
+    if hidden_size % num_heads:
+        raise ValueError(f"student config hidden_size={hidden_size} is not divisible by num_heads={num_heads}: choose "
+                         "num_heads that divides hidden_size")
     return StudentConfig(**values)
+
+
+def _read_student_config_file(path: Path) -> dict:
+    """A student config JSON file; a missing or broken one is a one-line error naming the file (and position)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"student config {path} does not exist: pass a JSON file such as "
+                                "config/student_config_small.json")
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path} is corrupt: not valid JSON at line {err.lineno}, column {err.colno} ({err.msg}); "
+                         "fix the file") from None
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is corrupt: not UTF-8 text (byte {err.start}); fix the file") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path} holds a JSON {type(config).__name__}, not an object of student config keys: write "
+                         '{"hidden_size": ..., "depth": ..., "num_heads": ...}')
+    return config
 
 
 def _teacher_config_dict(teacher_config) -> dict | None:
