@@ -70,7 +70,7 @@ def describe_motion(frames) -> str | None:
     centres = []
     for frame in (frames[0], frames[-1]):
         _, _, mask = _shape_pixels(_as_rgb_array(frame))
-        if mask is None:
+        if mask is None or not mask.any():
             return None
         ys, xs = np.nonzero(mask)
         centres.append(np.array([xs.mean(), ys.mean()]))
