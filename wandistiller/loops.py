@@ -363,22 +363,45 @@ def _save_checkpoint(output_dir: Path, step: int, student, state: dict, keep: in
     root = output_dir / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{step:07d}"
     tmp = root / f".tmp_{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    student.save_pretrained(tmp / "student", safe_serialization=True)
-    torch.save(state, tmp / "training_state.pt")
-    _fsync_tree(tmp)
+    root.mkdir(parents=True, exist_ok=True)
+    for stale in root.glob(".tmp_*"):  # left by a killed run: never complete, never read
+        shutil.rmtree(stale)
+    try:
+        tmp.mkdir()
+        student.save_pretrained(tmp / "student", safe_serialization=True)
+        torch.save(state, tmp / "training_state.pt")
+        _fsync_tree(tmp)
+    except Exception as err:  # a full disk, a quota, a failing mount: say so, keep the last complete checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        previous = list_checkpoints(output_dir)
+        kept = f"the last complete one, {previous[-1].name}, is intact" if previous else "there is no earlier one"
+        raise RuntimeError(f"checkpoint {final.name} could not be written ({str(err).splitlines()[0]}); {kept}: free "
+                           "disk space and resume with resume=True") from err
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     for old in list_checkpoints(output_dir)[:-keep]:
-        shutil.rmtree(old)
+        doomed = root / f".tmp_{old.name}"  # out of list_checkpoints before its first file goes
+        os.replace(old, doomed)
+        shutil.rmtree(doomed)
     return final
 
 
-def _load_training_state(checkpoint: Path) -> dict:
-    # Only our own checkpoints are read here, and with weights_only=True, which refuses arbitrary objects.
-    return torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+def _load_checkpoint(checkpoint: Path):
+    """A checkpoint's student and training state, read as data only: safetensors weights and a weights-only torch
+    file. A file holding other Python objects is refused, never unpickled (that could run code)."""
+    import pickle
+
+    if not (checkpoint / "student" / "diffusion_pytorch_model.safetensors").is_file():
+        raise ValueError(f"checkpoint {checkpoint} has no diffusion_pytorch_model.safetensors (student weights are "
+                         "read from safetensors only): move the folder away to resume from the checkpoint before it")
+    try:
+        state = torch.load(checkpoint / "training_state.pt", map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{checkpoint / 'training_state.pt'} holds Python objects besides tensors and is refused "
+                         "(unpickling them could run code): it is not a checkpoint this kit wrote; move the folder "
+                         "away to resume from the checkpoint before it") from None
+    return WanLiteTransformer2DModel.from_pretrained(checkpoint / "student", use_safetensors=True), state
 
 
 # --- the teacher, loaded only when it is needed ----------------------------------------------------------------
@@ -516,8 +539,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     teacher_config = run.teacher_config
     report = None
     if checkpoints:
-        student = WanLiteTransformer2DModel.from_pretrained(checkpoints[-1] / "student")
-        state = _load_training_state(checkpoints[-1])
+        student, state = _load_checkpoint(checkpoints[-1])
     else:
         student, report = _build_student(cfg, run.student_config, get_teacher, teacher_config, rt.rank,
                                           prompts[:8])
@@ -560,8 +582,6 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     step, epoch, batch_in_epoch = 0, 0, 0
     if state is not None:
         step, epoch, batch_in_epoch = _restore_training_state(state, optimizer, lr_scheduler, ema, loss_fn, rt.device)
-    else:  # training's random stream starts from the seed, whatever the setup drew (a cache built here or reused)
-        torch.manual_seed(cfg.seed)
 
     metrics_path = out / "metrics.jsonl"
     metrics = _prepare_metrics(metrics_path, step, rt.is_main)
@@ -576,6 +596,12 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
         get_teacher.teacher = None  # training from the cache needs no teacher: free it
     online = get_teacher.teacher if cfg.teacher_targets == "online" else None
     autocast = _autocast(cfg, rt.device)
+    # Training's random stream starts here, from the checkpoint or the seed, whatever the setup drew (a target cache
+    # built in this process, the teacher's sample images): a resumed run continues the uninterrupted run's stream.
+    if state is not None:
+        torch.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(cfg.seed)
 
     bar = tqdm(total=total_steps, initial=step, desc="distilling", disable=not (cfg.progress and rt.is_main))
     t_last, samples_since = time.perf_counter(), 0
@@ -627,6 +653,12 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
             epoch, batch_in_epoch = epoch + 1, 0
         if sampler_images is not None and (step >= total_steps or (finished_epoch and epoch % cfg.sample_interval == 0)):
             paths, grid = _write_samples(sampler_images, student, sample_dir, epoch, sample_prompts, cfg.callbacks)
+            sample_paths += paths
+            grid_paths.append(grid)
+    if sampler_images is not None and not grid_paths:  # resumed from the last step: a kill may have cut its samples
+        last_epoch = epoch + 1 if batch_in_epoch >= steps_per_epoch * accum else epoch
+        if not (sample_dir / f"epoch_{last_epoch:04d}_grid.png").is_file():
+            paths, grid = _write_samples(sampler_images, student, sample_dir, last_epoch, sample_prompts, cfg.callbacks)
             sample_paths += paths
             grid_paths.append(grid)
     bar.close()
@@ -760,18 +792,24 @@ def _restore_training_state(state: dict, optimizer, lr_scheduler, ema, loss_fn, 
         ema.to(device=device)  # the shadow weights come back where torch.load put them: on the CPU
     if state.get("loss_fn"):
         loss_fn.load_state_dict(state["loss_fn"])
-    torch.set_rng_state(state["rng"])
     return state["step"], state["epoch"], state["batch_in_epoch"]
 
 
 def _prepare_metrics(path: Path, step: int, is_main: bool) -> list:
-    """Metrics of steps up to `step` (those after it, from a killed run, are dropped so the curve continues)."""
+    """Metrics of steps up to `step` (those after it, from a killed run, are dropped so the curve continues; so is a
+    last line the kill cut short). The file is rewritten under a temporary name: a kill here loses no step."""
     records = []
-    if path.is_file():
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        records = [r for r in records if r["step"] <= step]
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # only the last line can be cut short
+        if record["step"] <= step:
+            records.append(record)
     if is_main:
-        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
     return records
 
 
@@ -798,13 +836,20 @@ def _write_samples(sampler, student, sample_dir: Path, epoch: int, prompts, call
     paths = []
     for i, image in enumerate(images):
         path = sample_dir / f"epoch_{epoch:04d}_sample_{i:02d}.png"
-        image.save(path)
+        _save_image(image, path)
         paths.append(path)
     rows = {"teacher": sampler.teacher_images, "student": images} if sampler.teacher_images else {"student": images}
     grid = sample_dir / f"epoch_{epoch:04d}_grid.png"
-    image_grid([im for row in rows.values() for im in row], nrow=len(images)).save(grid)
+    _save_image(image_grid([im for row in rows.values() for im in row], nrow=len(images)), grid)
     _notify(callbacks, "on_samples", epoch, rows, prompts)
     return paths, grid
+
+
+def _save_image(image, path: Path) -> None:
+    """An image file that appears complete or not at all (written under a temporary name, then renamed)."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    image.save(tmp)
+    os.replace(tmp, path)
 
 
 def _notify(callbacks, event: str, *args) -> None:
