@@ -55,3 +55,13 @@ def test_configs_prompts_and_notebooks_ship_inside_the_package():
         # found through importlib.resources, and it is the repository's own file (not a copy that could drift)
         assert packaged_file(*name.split("/")[1:]).samefile(ROOT / name.split("/", 1)[1])
     assert DEFAULT_PROMPTS_PATH.samefile(ROOT / "data" / "static_prompts.txt")
+
+
+def test_defaults_are_package_data_not_paths_next_to_the_source():
+    from wandistiller.data import packaged_file
+    from wandistiller.loops import DEFAULT_STUDENT_CONFIG, DistillConfig
+
+    assert Path(DEFAULT_STUDENT_CONFIG) == packaged_file("config", "student_config_small.json")
+    assert Path(DistillConfig().student_config).samefile(ROOT / "config" / "student_config_small.json")
+    for source in sorted((ROOT / "wandistiller").glob("*.py")):  # a non-editable install has no repository around it
+        assert "__file__" not in source.read_text(), f"{source.name}: find shipped files with data.packaged_file"

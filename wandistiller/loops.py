@@ -23,12 +23,12 @@ from tqdm.auto import tqdm
 
 from .data import (
     DEFAULT_PROMPTS_PATH, TargetSpec, build_target_cache, load_target_cache, make_online_inputs, open_target_cache,
-    read_prompts,
+    packaged_file, read_prompts,
 )
 from .loss import DistillLoss, FeatureAdapters, NonFiniteLossError, check_finite, non_finite_message
 from .model import StudentConfig, WanLiteTransformer2DModel, load_student_config, student_model_config
 
-DEFAULT_STUDENT_CONFIG = str(Path(__file__).resolve().parent.parent / "config" / "student_config_small.json")
+DEFAULT_STUDENT_CONFIG = str(packaged_file("config", "student_config_small.json"))  # package data: any install
 CHECKPOINT_PREFIX = "step_"
 
 
