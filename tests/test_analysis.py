@@ -6,6 +6,7 @@ import torch
 from matplotlib.figure import Figure
 
 from wandistiller import analysis as wi
+from wandistiller import viz
 from wandistiller.data import read_prompts
 from wandistiller.projection import make_calibration, project
 
@@ -163,17 +164,17 @@ def test_initial_errors_rank_methods(tiny_teacher):
 
 def test_projection_figures_show_what_was_kept(tiny_teacher):
     student, report = project(tiny_teacher, SMALL)
-    fig = wi.importance_figure(report)
+    fig = viz.importance_figure(report)
     influence, heads, neurons, channels = fig.axes[:4]
     kept = lambda ax: sum(bar.get_facecolor()[:3] != (0.75, 0.75, 0.75) for bar in ax.patches)
     assert kept(influence) == len(report.depth_map) == 2
     assert kept(heads) == 2 and kept(neurons) == 32 and kept(channels) == 16
-    depth = wi.plot_depth_map(report.depth_map, tiny_teacher.transformer_config()["num_layers"])
+    depth = viz.plot_depth_map(report.depth_map, tiny_teacher.transformer_config()["num_layers"])
     assert len(depth.axes[0].lines) == len(report.depth_map)
     weight = tiny_teacher.load_expert("transformer_2").blocks[0].attn1.to_q.weight
-    spectra = wi.plot_spectra({"q": weight, "q again": weight}, {"q": 16, "q again": 8})
+    spectra = viz.plot_spectra({"q": weight, "q again": weight}, {"q": 16, "q again": 8})
     assert [ax.get_legend().get_texts()[0].get_text().split(" (")[0] for ax in spectra.axes] == \
         ["kept rank 16", "kept rank 8"]
     _, uniform = project(tiny_teacher, SMALL, width="truncate")
     with pytest.raises(ValueError, match="measured no importance"):
-        wi.importance_figure(uniform)
+        viz.importance_figure(uniform)

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import wandistiller.teacher
-from wandistiller.data import TargetSpec, build_target_cache, load_target_cache, read_prompts
+from wandistiller.cache import build_target_cache, load_target_cache
+from wandistiller.data import TargetSpec, read_prompts
 from wandistiller.loops import DEFAULT_STUDENT_CONFIG, DistillConfig, distill, list_checkpoints
 from wandistiller.model import WanLiteTransformer2DModel
 from wandistiller.projection import project

@@ -1,6 +1,7 @@
 """WanDistiller: distil the Wan 2.2 text-to-video model into Wan-Lite, a small 2D text-to-image transformer."""
 
-from .data import TargetSpec, build_target_cache, load_target_cache, read_prompts
+from .cache import build_target_cache, load_target_cache
+from .data import TargetSpec, read_prompts
 from .loops import DistillConfig, DistillResult, distill
 from .model import WanLiteTransformer2DModel, load_student_config
 from .pipeline import WanLitePipeline, export_pipeline

@@ -22,9 +22,6 @@ from torch import nn
 from .flow import MAX_SEQUENCE_LENGTH, expert_timestep_range, per_token_timesteps
 from .viz import Table, expert_schedule_summary, plot_attention_maps, plot_expert_schedule
 
-# The figures of notebooks 01 and 02, importable from here as the notebooks do (they are made in `viz`).
-from .viz import importance_figure, plot_depth_map, plot_spectra, subplots  # noqa: F401  (re-exported)
-
 # Wan 2.2 expert configs (WanTransformer3DModel kwargs) of the published Diffusers checkpoints.
 FULL_SIZE_EXPERTS = {
     "a14b": dict(patch_size=(1, 2, 2), num_attention_heads=40, attention_head_dim=128, in_channels=16,

@@ -223,16 +223,3 @@ def make_online_inputs(teacher, prompts: list[str], spec: TargetSpec, *, progres
     inputs = {k: inputs[k] for k in ("latents", "timesteps", "prompt_index")}
     return TargetSet(inputs, embeds, negative[:1])
 
-
-# The target cache moved to `wandistiller.cache`; these names stay importable from here for the modules that
-# still import them from `wandistiller.data` (the package's __init__, loops, toy_world).
-_CACHE_NAMES = {"build_target_cache": "build_target_cache", "load_target_cache": "load_target_cache",
-                "open_target_cache": "open_target_cache", "_atomic_save": "save_atomically"}
-
-
-def __getattr__(name: str):
-    if name in _CACHE_NAMES:
-        from . import cache
-
-        return getattr(cache, _CACHE_NAMES[name])
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

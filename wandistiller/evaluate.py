@@ -9,8 +9,8 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .analysis import Table
-from .teacher import MAX_SEQUENCE_LENGTH
+from .flow import MAX_SEQUENCE_LENGTH
+from .viz import Table
 
 
 def find_student(output_dir: str | Path, student_path: str | Path | None = None) -> Path:
@@ -51,7 +51,7 @@ def num_params(model: torch.nn.Module) -> int:
 
 
 def forward_flops(model: torch.nn.Module, latent_hw: tuple[int, int], device: str | torch.device = "cpu") -> int:
-    """FLOPs of one forward on one image (batch 1, 512 text tokens); a 3D Wan teacher gets a single frame."""
+    """FLOPs of one forward on one image (batch 1, MAX_SEQUENCE_LENGTH text tokens); a 3D Wan teacher gets a single frame."""
     config = model.config
     h, w = latent_hw
     frame = (1,) if len(config.patch_size) == 3 else ()

@@ -21,10 +21,8 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .data import (
-    DEFAULT_PROMPTS_PATH, TargetSpec, build_target_cache, load_target_cache, make_online_inputs, open_target_cache,
-    packaged_file, read_prompts,
-)
+from .cache import build_target_cache, load_target_cache, open_target_cache
+from .data import DEFAULT_PROMPTS_PATH, TargetSpec, make_online_inputs, packaged_file, read_prompts
 from .loss import DistillLoss, FeatureAdapters, NonFiniteLossError, check_finite, non_finite_message
 from .model import StudentConfig, WanLiteTransformer2DModel, load_student_config, student_model_config
 

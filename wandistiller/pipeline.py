@@ -25,6 +25,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 # Imported here so that `WanLitePipeline.from_pretrained` finds the student's and the 2D VAE's classes: diffusers
 # resolves the custom components "wandistiller.model" and "wandistiller.vae2d" in model_index.json from the
 # already-imported modules.
+from .flow import MAX_SEQUENCE_LENGTH, guided_velocity, per_token_timesteps
 from .model import WanLiteTransformer2DModel
 from .teacher import read_json
 from .vae2d import WanVAE2D, vae_to_2d
@@ -145,7 +146,7 @@ class WanLitePipeline(DiffusionPipeline):
             raise ValueError(f"unknown output_type {output_type!r}: use one of {', '.join(OUTPUT_TYPES)}")
 
     def encode_prompt(self, prompt, negative_prompt=None, do_classifier_free_guidance: bool = True,
-                      prompt_embeds=None, negative_prompt_embeds=None, max_sequence_length: int = 512,
+                      prompt_embeds=None, negative_prompt_embeds=None, max_sequence_length: int = MAX_SEQUENCE_LENGTH,
                       device=None, dtype=None):
         """(prompt_embeds, negative_prompt_embeds) exactly as WanPipeline.encode_prompt makes them.
 
@@ -181,11 +182,10 @@ class WanLitePipeline(DiffusionPipeline):
 
     def _timestep_input(self, t: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """(B,) timesteps, or (B, num_patches) for per-token (TI2V-style) conditioning."""
-        batch_size, _, height, width = latents.shape
+        timesteps = t.expand(latents.shape[0])
         if not self.config.expand_timesteps:
-            return t.expand(batch_size)
-        p_h, p_w = self.transformer.config.patch_size
-        return t.expand(batch_size, (height // p_h) * (width // p_w))
+            return timesteps
+        return per_token_timesteps(timesteps, latents.shape[-2:], self.transformer.config.patch_size)
 
     # --- outputs ---------------------------------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
@@ -217,7 +217,7 @@ class WanLitePipeline(DiffusionPipeline):
         latents: torch.Tensor | None = None,
         output_type: str = "pil",
         return_dict: bool = True,
-        max_sequence_length: int = 512,
+        max_sequence_length: int = MAX_SEQUENCE_LENGTH,
     ) -> ImagePipelineOutput | tuple:
         r"""
         Generate images from text.
@@ -249,8 +249,8 @@ class WanLitePipeline(DiffusionPipeline):
                 (the final latents (B, C, H/s, W/s), not decoded).
             return_dict (`bool`, defaults to `True`):
                 Return an [`ImagePipelineOutput`] instead of the tuple `(images,)`.
-            max_sequence_length (`int`, defaults to 512):
-                Text length the embeddings are padded to (Wan: 512).
+            max_sequence_length (`int`, defaults to `flow.MAX_SEQUENCE_LENGTH`):
+                Text length the embeddings are padded to (WanPipeline's).
         """
         if latents is not None and latents.ndim == 5:
             if latents.shape[2] != 1:
@@ -290,7 +290,7 @@ class WanLitePipeline(DiffusionPipeline):
                 velocity = self.transformer(model_input, timestep, prompt_embeds, return_dict=False)[0]
                 if do_cfg:
                     uncond = self.transformer(model_input, timestep, negative_prompt_embeds, return_dict=False)[0]
-                    velocity = uncond + guidance_scale * (velocity - uncond)
+                    velocity = guided_velocity(velocity, uncond, guidance_scale)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 progress_bar.update()
 
