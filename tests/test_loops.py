@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 import wandistiller.teacher
 from wandistiller.cache import build_target_cache, load_target_cache
 from wandistiller.data import TargetSpec, read_prompts
-from wandistiller.loops import DEFAULT_STUDENT_CONFIG, DistillConfig, distill, list_checkpoints
+from wandistiller.loops import DEFAULT_STUDENT_CONFIG, Callback, DistillConfig, distill, list_checkpoints
 from wandistiller.model import WanLiteTransformer2DModel
 from wandistiller.projection import project
 
@@ -251,7 +251,7 @@ class _Interrupted(Exception):
     pass
 
 
-class _StopAtStep:
+class _StopAtStep(Callback):
     """A callback that interrupts the run at one step, after the step and before its checkpoint."""
 
     def __init__(self, step: int):
@@ -277,9 +277,101 @@ def short_run(tmp_path_factory) -> dict:
                 save_samples=False)
 
 
+class _Recorder:
+    """A callback with every hook, written without subclassing Callback: it records what distill() tells it."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_step(self, step, metrics):
+        self.events.append(("step", step, metrics))
+
+    def on_checkpoint(self, step, path):
+        self.events.append(("checkpoint", step, path))
+
+    def on_samples(self, epoch, rows, prompts):
+        self.events.append(("samples", epoch, rows, prompts))
+
+    def on_end(self, result):
+        self.events.append(("end", result))
+
+
 @pytest.fixture(scope="module")
-def short_reference(short_run, tmp_path_factory):
-    return distill(output_dir=str(tmp_path_factory.mktemp("short_reference") / "run"), **short_run)
+def short_recorder():
+    return _Recorder()
+
+
+@pytest.fixture(scope="module")
+def short_reference(short_run, short_recorder, tmp_path_factory):
+    return distill(output_dir=str(tmp_path_factory.mktemp("short_reference") / "run"), callbacks=[short_recorder],
+                   **short_run)
+
+
+def test_callbacks_hear_every_step_checkpoint_and_the_end(short_reference, short_recorder):
+    steps = [e for e in short_recorder.events if e[0] == "step"]
+    assert [metrics for _, _, metrics in steps] == short_reference.metrics
+    assert [step for _, step, _ in steps] == list(range(1, 7))
+    saved = [(step, path) for kind, step, path in (e for e in short_recorder.events if e[0] == "checkpoint")]
+    assert saved == [(s, c) for s, c in zip(range(1, 7), short_reference.checkpoints)]
+    assert short_recorder.events[-1] == ("end", short_reference)
+    kinds = [e[0] for e in short_recorder.events]
+    assert kinds == ["step", "checkpoint"] * 6 + ["end"]  # save_samples=False: no samples
+
+
+def test_a_callback_without_every_hook_is_refused_before_any_work(tmp_path):
+    class OnlySteps:
+        def on_step(self, step, metrics):
+            pass
+
+    with pytest.raises(ValueError, match=r"^callback OnlySteps has no on_checkpoint, on_samples, on_end: subclass "
+                                         r"wandistiller.Callback"):
+        distill(output_dir=str(tmp_path / "run"), callbacks=[OnlySteps()])
+    assert not (tmp_path / "run").exists()
+
+
+def test_distill_is_the_plain_training_loop_it_describes(short_run, short_reference):
+    """distill()'s stages written out as one plain loop (cache, initial student, AdamW, warm-up + cosine schedule,
+    clipping, EMA, the sampler's epochs) give its losses, student and EMA bit for bit: a refactoring of the loop
+    that changed what it computes fails here."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
+
+    from wandistiller.loss import DistillLoss
+    from wandistiller.teacher import read_teacher_info
+
+    run, defaults = short_run, DistillConfig()
+    spec = TargetSpec(latent_source="noise", samples_per_prompt=run["samples_per_prompt"], height=64, width=64)
+    targets, _ = load_target_cache(run["cache_dir"], read_teacher_info("tiny").fingerprint(), spec,
+                                   read_prompts(run["data_path"]))
+    student = WanLiteTransformer2DModel.from_pretrained(run["student_init"]).train()
+    loss_fn = DistillLoss(cfg_distill=run["cfg_distill"])
+    optimizer = torch.optim.AdamW(student.parameters(), lr=run["lr"], weight_decay=defaults.weight_decay)
+    sampler = torch.utils.data.DistributedSampler(targets, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    loader = torch.utils.data.DataLoader(targets, batch_size=run["batch_size"], sampler=sampler, drop_last=True)
+    total = run["num_epochs"] * len(loader)
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(defaults.warmup_steps, total), total)
+    ema = EMAModel(student.parameters(), decay=run["ema_decay"])
+    torch.manual_seed(defaults.seed)
+    losses = []
+    for epoch in range(run["num_epochs"]):
+        sampler.set_epoch(epoch)
+        for batch in loader:
+            pred = student(batch["latents"], batch["timesteps"], targets.prompt_embeds[batch["prompt_index"]]).sample
+            loss = loss_fn(pred.float(), batch["v_cond"], batch["v_uncond"], batch["guidance"],
+                           timestep=batch["timesteps"])["loss"]
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), defaults.max_grad_norm)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad(set_to_none=True)
+            ema.step(student.parameters())
+            losses.append(float(loss))
+    assert losses == [m["loss"] for m in short_reference.metrics]
+    weights = load_file(short_reference.student_path / "diffusion_pytorch_model.safetensors")
+    assert_same(weights, {name: p.detach() for name, p in student.named_parameters()}, "student")
+    ema.copy_to(student.parameters())
+    weights = load_file(short_reference.ema_path / "diffusion_pytorch_model.safetensors")
+    assert_same(weights, {name: p.detach() for name, p in student.named_parameters()}, "student_ema")
 
 
 def test_the_ema_is_the_running_average_of_every_step(short_run, short_reference):

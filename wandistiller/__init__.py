@@ -2,7 +2,7 @@
 
 from .cache import build_target_cache, load_target_cache
 from .data import TargetSpec, read_prompts
-from .loops import DistillConfig, DistillResult, distill
+from .loops import Callback, DistillConfig, DistillResult, distill
 from .model import WanLiteTransformer2DModel, load_student_config
 from .pipeline import WanLitePipeline, export_pipeline
 from .projection import ProjectionReport, make_calibration, measure_importance, project
@@ -11,7 +11,7 @@ from .toy import make_tiny_wan, tiny_wan_path
 from .vae2d import WanVAE2D, vae_to_2d
 
 __all__ = [
-    "DistillConfig", "DistillResult", "TargetSpec", "Teacher", "TeacherNotAvailableError", "WanLitePipeline",
+    "Callback", "DistillConfig", "DistillResult", "TargetSpec", "Teacher", "TeacherNotAvailableError", "WanLitePipeline",
     "ProjectionReport", "WanLiteTransformer2DModel", "WanVAE2D", "build_target_cache", "export_pipeline",
     "make_calibration", "measure_importance", "project", "distill", "load_student_config", "load_target_cache",
     "load_teacher", "make_tiny_wan", "read_prompts", "tiny_wan_path", "vae_to_2d",

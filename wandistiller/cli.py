@@ -186,13 +186,20 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .toy import VARIANTS
-
     parser = _Parser(
         prog="wandistiller",
         description="Distil the Wan 2.2 text-to-video model into Wan-Lite, a small 2D text-to-image model.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_teacher_commands(sub)
+    _add_run_commands(sub)
+    _add_generate_command(sub)
+    return parser
+
+
+def _add_teacher_commands(sub) -> None:
+    """make-tiny-teacher and make-toy-world: build a teacher here, offline."""
+    from .toy import VARIANTS
 
     p = sub.add_parser("make-tiny-teacher", help="write the embedded tiny Wan teacher as a diffusers pipeline directory",
                        description="Write a tiny, structurally faithful Wan 2.x diffusers pipeline directory, built offline.")
@@ -213,6 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing pipeline directory")
     p.set_defaults(func=_make_toy_world)
 
+
+def _add_run_commands(sub) -> None:
+    """demo, run (a notebook) and distill."""
     p = sub.add_parser("demo", help="run the kit end to end on the embedded tiny teacher")
     p.add_argument("--output-dir", default="outputs/demo", help="where results go (default: outputs/demo)")
     p.add_argument("--teacher-path", default="tiny", help="teacher directory or hub id (default: the tiny teacher)")
@@ -236,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_distill_arguments(p)
     p.set_defaults(func=_distill)
 
+
+def _add_generate_command(sub) -> None:
     p = sub.add_parser("generate", help="generate images with a saved Wan-Lite pipeline (output_dir/pipeline)",
                        description="Generate images from text with a Wan-Lite pipeline folder, offline. Several "
                                    "prompts give one grid image, in prompt order.")
@@ -252,7 +264,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_generate)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -16,6 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol, runtime_checkable
 
 import torch
 import torch.distributed as dist
@@ -27,7 +28,10 @@ from .loss import DistillLoss, FeatureAdapters, NonFiniteLossError, check_finite
 from .model import StudentConfig, WanLiteTransformer2DModel, load_student_config, student_model_config
 
 DEFAULT_STUDENT_CONFIG = str(packaged_file("config", "student_config_small.json"))  # package data: any install
+
+
 CHECKPOINT_PREFIX = "step_"
+
 
 
 @dataclass
@@ -88,10 +92,11 @@ class DistillConfig:
     sample_dir: str | None = None  # default: output_dir/samples
     sample_steps: int | None = None  # default: num_inference_steps
     progress: bool = True
-    callbacks: list = field(default_factory=list, repr=False)
+    callbacks: list[Callback] = field(default_factory=list, repr=False)
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "callbacks"}
+
 
 
 @dataclass
@@ -107,7 +112,89 @@ class DistillResult:
     steps: int
 
 
-# --- setup ---------------------------------------------------------------------------------------------------
+
+@runtime_checkable
+class Callback(Protocol):
+    """What `distill()` tells an observer, on rank 0 only. Subclass it and override the hooks you need (the
+    others do nothing), or write a class with all four methods (such as `viz.TrainingMonitor`). Raising in a
+    hook stops the run there; the last checkpoint is kept."""
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        """After optimiser step `step` (counted from 1); `metrics` is its line of metrics.jsonl."""
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """After the checkpoint of step `step` is complete on disk at `path`."""
+
+    def on_samples(self, epoch: int, rows: dict, prompts: list) -> None:
+        """After the sample images of `epoch`: `rows` maps "teacher" (first time only) and "student" to images."""
+
+    def on_end(self, result: DistillResult) -> None:
+        """After the final student and pipeline are written."""
+
+
+_CALLBACK_HOOKS = ("on_step", "on_checkpoint", "on_samples", "on_end")
+
+
+class _Callbacks(Callback):
+    """Every callback of a run, called in order."""
+
+    def __init__(self, callbacks: list):
+        self.callbacks = list(callbacks)
+
+    def on_step(self, step: int, metrics: dict) -> None:
+        for callback in self.callbacks:
+            callback.on_step(step, metrics)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        for callback in self.callbacks:
+            callback.on_checkpoint(step, path)
+
+    def on_samples(self, epoch: int, rows: dict, prompts: list) -> None:
+        for callback in self.callbacks:
+            callback.on_samples(epoch, rows, prompts)
+
+    def on_end(self, result: DistillResult) -> None:
+        for callback in self.callbacks:
+            callback.on_end(result)
+
+
+def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
+    """Distil the teacher into a Wan-Lite student; see `DistillConfig` for every parameter.
+
+    Call it as `distill(batch_size=8, ...)` or `distill(DistillConfig(...))`. Returns a `DistillResult` with
+    the student path, checkpoints, samples and metrics. Under torchrun every rank calls it.
+    """
+    cfg = _resolve_config(config, params)
+    rt = _setup_distributed(cfg)
+    _check(cfg, rt.world_size)
+    run = _validate(cfg)  # 1. everything the config files tell, before the first teacher forward
+    out = Path(cfg.output_dir)
+    _claim_output_dir(out, cfg, rt)
+    torch.manual_seed(cfg.seed)
+    # gpu0 under torchrun: one teacher on GPU 0, held by rank 0 alone; the other ranks wait for its targets.
+    teacher = _LazyTeacher(cfg, run.cache_dir / "prompt_embed_cache", rt.is_main or not run.placement.shared)
+    checkpoints = list_checkpoints(out) if cfg.resume else []
+    sample_prompts = list(cfg.sample_prompts or run.prompts[:2])
+    targets = _prepare_targets(cfg, run, rt, teacher, sample_prompts, checkpoints)  # 2. teacher targets
+    student, report, state = _prepare_student(cfg, run, rt, teacher, checkpoints)  # 3. the student
+    tr = _make_training(cfg, run, rt, student, report, state, targets)  # 4. loss, optimiser, schedule, EMA
+    metrics = _prepare_metrics(out / "metrics.jsonl", tr.step, rt.is_main)
+    samples = _make_samples(cfg, run, rt, out, student, targets, sample_prompts, teacher)
+    if cfg.teacher_targets == "cache":
+        teacher.release()  # training from the cache needs no teacher
+    online = teacher.loaded if cfg.teacher_targets == "online" else None
+    callbacks = _Callbacks(cfg.callbacks)
+    # Training's random stream starts here, from the checkpoint or the seed, whatever the setup drew (a target cache
+    # built in this process, the teacher's sample images): a resumed run continues the uninterrupted run's stream.
+    if state is not None:
+        torch.set_rng_state(state["rng"])
+    else:
+        torch.manual_seed(cfg.seed)
+    _train(cfg, rt, tr, targets, online, out, metrics, samples, callbacks)  # 5. the train loop
+    return _export(cfg, rt, out, run, tr, metrics, samples, callbacks)  # 6. student, EMA and pipeline
+
+
+# --- 1. setup and validation: everything checkable before any weights are loaded ----------------------------
 
 
 @dataclass
@@ -185,8 +272,10 @@ def _resolve_config(config, params) -> DistillConfig:
     return dataclasses.replace(config, **params)
 
 
+
 _COUNTS = ("batch_size", "num_epochs", "gradient_accumulation_steps", "num_inference_steps", "samples_per_prompt",
            "checkpoint_interval", "keep_checkpoints", "sample_interval")
+
 
 
 def _check(cfg: DistillConfig, world_size: int) -> None:
@@ -206,9 +295,11 @@ def _check(cfg: DistillConfig, world_size: int) -> None:
         raise ValueError("feature_weight > 0 needs the teacher's features at each batch: set teacher_targets='online'")
     if cfg.mixed_precision not in ("auto", "no", "bf16"):
         raise ValueError(f"mixed_precision must be auto, no or bf16, got {cfg.mixed_precision!r}")
-
-
-# --- checks from config files, before any weights are loaded -------------------------------------------------------
+    for callback in cfg.callbacks:
+        missing = [hook for hook in _CALLBACK_HOOKS if not callable(getattr(callback, hook, None))]
+        if missing:
+            raise ValueError(f"callback {type(callback).__name__} has no {', '.join(missing)}: subclass "
+                             "wandistiller.Callback (hooks you do not override do nothing)")
 
 
 @dataclass
@@ -315,10 +406,10 @@ def _check_projection(cfg: DistillConfig, student_cfg: StudentConfig, teacher_co
             width="truncate" if cfg.projection_width == "svd" else cfg.projection_width)
 
 
-# --- the run directory -----------------------------------------------------------------------------------------
 
 RUN_OUTPUTS = ("checkpoints", "student", "student_ema", "pipeline", "samples", "metrics.jsonl",
                "distill_config.json")
+
 
 
 def _claim_output_dir(out: Path, cfg: DistillConfig, rt: _Dist) -> None:
@@ -337,6 +428,473 @@ def _claim_output_dir(out: Path, cfg: DistillConfig, rt: _Dist) -> None:
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
     rt.barrier()
     out.mkdir(parents=True, exist_ok=True)
+
+
+
+# --- 2. teacher targets ----------------------------------------------------------------------------------------
+
+
+class _LazyTeacher:
+    """The teacher, loaded on first call and released when the run no longer needs it."""
+
+    def __init__(self, cfg: DistillConfig, embed_cache: Path, holds_teacher: bool = True):
+        self.cfg, self.embed_cache, self.holds_teacher, self.loaded = cfg, embed_cache, holds_teacher, None
+
+    def __call__(self):
+        if not self.holds_teacher:
+            raise RuntimeError("this rank shares rank 0's teacher (teacher_device_strategy='gpu0') and must not load one")
+        if self.loaded is None:
+            from .teacher import load_teacher
+
+            cfg = self.cfg
+            self.loaded = load_teacher(cfg.teacher_path, cfg.teacher_device_strategy, cfg.teacher_dtype,
+                                       teacher_on_cpu=cfg.teacher_on_cpu, load_experts=False,
+                                       cache_dir=self.embed_cache, guidance_scale=cfg.guidance_scale,
+                                       guidance_scale_2=cfg.guidance_scale_2)
+        return self.loaded
+
+    def release(self) -> None:
+        """Drop the teacher (its memory goes with the last reference); a later call loads it again."""
+        self.loaded = None
+
+
+def _prepare_targets(cfg: DistillConfig, run: _RunInputs, rt: _Dist, teacher: _LazyTeacher, sample_prompts: list,
+                     checkpoints: list):
+    """The teacher targets: from the cache (built here if missing; the teacher is loaded only to build it), or,
+    for online training, the inputs the loop queries the teacher at. With overwrite=True a cache of another
+    teacher, spec or prompts is discarded first, never reused."""
+    prompts, spec, cache_dir, shared = run.prompts, run.spec, run.cache_dir, run.placement.shared
+    if run.cache_mismatch:
+        rt.barrier()
+        if rt.is_main:
+            open_target_cache(cache_dir, run.fingerprint, spec, prompts, discard_mismatch=True)
+        rt.barrier()
+    cache_complete = (cache_dir / "manifest.json").is_file()
+    projects = cfg.student_init == "projection" and not checkpoints and rt.is_main
+    if teacher.holds_teacher and (cfg.teacher_targets == "online" or not cache_complete or projects):
+        # All text work first, then free the text encoder (UMT5-XXL: 5.7 B) before any expert is loaded.
+        teacher().encode_prompts(prompts + sample_prompts, negative="")
+        teacher().release_text_encoder()
+    if cfg.teacher_targets == "online":
+        return make_online_inputs(teacher(), prompts, spec, progress=cfg.progress and rt.is_main)
+    if not cache_complete:
+        if teacher.holds_teacher:
+            build_target_cache(teacher(), prompts, cache_dir, spec, rank=0 if shared else rt.rank,
+                               world_size=1 if shared else rt.world_size, barrier=None if shared else rt.barrier,
+                               progress=cfg.progress and rt.is_main)
+        if shared:
+            rt.barrier()
+    return load_target_cache(cache_dir, run.fingerprint, spec, prompts)[0]
+
+
+# --- 3. the student --------------------------------------------------------------------------------------------
+
+
+def _prepare_student(cfg: DistillConfig, run: _RunInputs, rt: _Dist, teacher: _LazyTeacher, checkpoints: list):
+    """(student, projection report or None, training state or None): the student of the last checkpoint with its
+    training state, else a new one (projected, random or loaded); on the training device, in train mode."""
+    state = report = None
+    if checkpoints:
+        student, state = _load_checkpoint(checkpoints[-1])
+    else:
+        student, report = _build_student(cfg, run.student_config, teacher, run.teacher_config, rt.rank,
+                                         run.prompts[:8])
+    student.to(rt.device).train()
+    if cfg.gradient_checkpointing:
+        student.enable_gradient_checkpointing()
+    return student, report, state
+
+
+def _build_student(cfg: DistillConfig, student_cfg: StudentConfig, teacher: _LazyTeacher, teacher_config: dict,
+                   rank: int, calibration_prompts: list[str]):
+    if cfg.student_init == "random":
+        return WanLiteTransformer2DModel.from_student_config(student_cfg, teacher_config, seed=cfg.seed), None
+    if cfg.student_init != "projection":
+        path = Path(cfg.student_init)
+        if not (path / "config.json").is_file():
+            raise FileNotFoundError(f"student_init={cfg.student_init!r} is neither 'projection', 'random' nor a saved "
+                                    "student directory (with config.json)")
+        return WanLiteTransformer2DModel.from_pretrained(path), None
+    if rank != 0:
+        # Same architecture; DDP broadcasts rank 0's projected weights when it wraps the model.
+        return WanLiteTransformer2DModel.from_student_config(student_cfg, teacher_config, seed=cfg.seed), None
+    from .projection import project
+
+    return project(teacher(), student_cfg, layers=cfg.projection_layers, width=cfg.projection_width,
+                   expert=cfg.projection_expert, calibration={"prompts": calibration_prompts})
+
+
+
+# --- 4. loss, optimiser, schedule, EMA and data order -------------------------------------------------------------
+
+
+@dataclass
+class _Training:
+    """What the train loop steps, and where it is: all of it goes into every checkpoint."""
+
+    student: WanLiteTransformer2DModel
+    model: torch.nn.Module  # the student, wrapped in DDP under torchrun
+    loss_fn: DistillLoss
+    pairing: dict | None  # feature KD's block map
+    params: list  # the student's and the loss's (feature adapters), clipped and stepped together
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: object
+    ema: object | None
+    sampler: torch.utils.data.DistributedSampler
+    loader: torch.utils.data.DataLoader
+    batches_per_epoch: int  # loader batches an epoch uses: steps per epoch x gradient_accumulation_steps
+    total_steps: int
+    step: int = 0
+    epoch: int = 0
+    batch_in_epoch: int = 0
+
+    def state(self) -> dict:
+        return _training_state(self.optimizer, self.lr_scheduler, self.ema, self.loss_fn, self.pairing, self.step,
+                               self.epoch, self.batch_in_epoch)
+
+
+def _make_training(cfg: DistillConfig, run: _RunInputs, rt: _Dist, student, report, state, targets) -> _Training:
+    """The objective (with feature KD's block map), DDP, AdamW, the warm-up + cosine schedule, the EMA and the
+    data order; a resumed run restores them from its checkpoint's training state."""
+    pairing = _feature_pairing(cfg, student, run.teacher_config, report, state, rt)
+    loss_fn = _make_loss(cfg, pairing, student, run.teacher_config).to(rt.device)
+    model = student
+    if rt.world_size > 1:
+        model = torch.nn.parallel.DistributedDataParallel(
+            student, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    params = list(student.parameters()) + list(loss_fn.parameters())
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sampler, loader = _data_order(cfg, rt, targets)
+    steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(targets)} targets give no full batch of {cfg.batch_size}: lower batch_size or add "
+                         "prompts")
+    total_steps = cfg.num_epochs * steps_per_epoch
+    if cfg.max_steps is not None and cfg.max_steps > 0:
+        total_steps = min(total_steps, cfg.max_steps)
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+
+    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
+    ema = None
+    if cfg.ema_decay > 0:
+        from diffusers.training_utils import EMAModel
+
+        ema = EMAModel(student.parameters(), decay=cfg.ema_decay)
+    tr = _Training(student, model, loss_fn, pairing, params, optimizer, lr_scheduler, ema, sampler, loader,
+                   steps_per_epoch * cfg.gradient_accumulation_steps, total_steps)
+    if state is not None:
+        tr.step, tr.epoch, tr.batch_in_epoch = _restore_training_state(state, optimizer, lr_scheduler, ema, loss_fn,
+                                                                       rt.device)
+    return tr
+
+
+def _data_order(cfg: DistillConfig, rt: _Dist, targets):
+    """(sampler, loader): each rank's share of the shuffled targets, in batches of batch_size / world_size."""
+    sampler = torch.utils.data.DistributedSampler(targets, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
+                                                  seed=cfg.seed, drop_last=True)
+    # Each epoch's iterator draws a seed from the loader's generator: with its own, the global RNG (checkpointed)
+    # is not advanced by it, so a resumed run's RNG stream is the uninterrupted run's.
+    loader = torch.utils.data.DataLoader(targets, batch_size=cfg.batch_size // rt.world_size, sampler=sampler,
+                                         drop_last=True, num_workers=cfg.num_workers,
+                                         generator=torch.Generator().manual_seed(cfg.seed))
+    return sampler, loader
+
+
+def _feature_pairing(cfg: DistillConfig, student, teacher_config: dict, report, state, rt: _Dist) -> dict | None:
+    """Feature KD's student->teacher block map and teacher channels. Identical on every rank (rank 0's: only it
+    has the projection report) and kept in the checkpoint, so a resumed run pairs the blocks as before."""
+    if cfg.feature_weight <= 0:
+        return None
+    if state is not None and state.get("feature_pairing"):
+        return state["feature_pairing"]
+    if report is not None:
+        pairing = {"depth_map": list(report.depth_map), "channels": list(report.channels)}
+    else:
+        from .projection import select_layers
+
+        pairing = {"depth_map": select_layers(teacher_config["num_layers"], student.config.num_layers, "uniform"),
+                   "channels": None}
+    return rt.broadcast(pairing)
+
+
+def _make_loss(cfg: DistillConfig, pairing: dict | None, student, teacher_config: dict) -> DistillLoss:
+    if pairing is None:
+        return DistillLoss(cfg_distill=cfg.cfg_distill, weighting=cfg.timestep_weighting)
+    block_map = list(enumerate(pairing["depth_map"]))
+    teacher_dim = teacher_config["num_attention_heads"] * teacher_config["attention_head_dim"]
+    student_dim = student.config.num_attention_heads * student.config.attention_head_dim
+    adapters = FeatureAdapters(student_dim, teacher_dim, len(block_map), channels=pairing["channels"])
+    return DistillLoss(feature_weight=cfg.feature_weight, cfg_distill=cfg.cfg_distill,
+                       weighting=cfg.timestep_weighting, adapters=adapters, block_map=block_map)
+
+
+def _training_state(optimizer, lr_scheduler, ema, loss_fn, pairing, step, epoch, batch_in_epoch) -> dict:
+    return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
+            "ema": ema.state_dict() if ema is not None else None, "loss_fn": loss_fn.state_dict(),
+            "feature_pairing": pairing, "rng": torch.get_rng_state(), "step": step, "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch}
+
+
+def _restore_training_state(state: dict, optimizer, lr_scheduler, ema, loss_fn, device) -> tuple[int, int, int]:
+    """Load a checkpoint's training state onto the training `device`; returns (step, epoch, batch_in_epoch)."""
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if ema is not None and state.get("ema") is not None:
+        ema.load_state_dict(state["ema"])
+        ema.to(device=device)  # the shadow weights come back where torch.load put them: on the CPU
+    if state.get("loss_fn"):
+        loss_fn.load_state_dict(state["loss_fn"])
+    return state["step"], state["epoch"], state["batch_in_epoch"]
+
+
+
+# --- 5. the train loop -----------------------------------------------------------------------------------------
+
+
+def _train(cfg: DistillConfig, rt: _Dist, tr: _Training, targets, online, out: Path, metrics: list, samples,
+           callbacks: Callback) -> None:
+    """Micro-batches with gradient accumulation, one optimiser step per `gradient_accumulation_steps` of them,
+    metrics and checkpoints per step, samples per `sample_interval` epochs; from wherever `tr` stands."""
+    autocast = _autocast(cfg, rt.device)
+    bar = tqdm(total=tr.total_steps, initial=tr.step, desc="distilling", disable=not (cfg.progress and rt.is_main))
+    meter = _Meter(rt)
+    while tr.step < tr.total_steps:
+        tr.sampler.set_epoch(tr.epoch)
+        for b, batch in enumerate(tr.loader):
+            if b < tr.batch_in_epoch or b >= tr.batches_per_epoch:
+                continue
+            parts = _micro_step(tr.model, tr.loss_fn, batch, targets, online, rt, autocast, tr.step)
+            (parts["loss"] / cfg.gradient_accumulation_steps).backward()
+            meter.add(parts, len(batch["timesteps"]))
+            if meter.micro < cfg.gradient_accumulation_steps:
+                continue
+            _optimizer_step(cfg, rt, tr)
+            tr.step, tr.batch_in_epoch = tr.step + 1, b + 1
+            _after_step(cfg, rt, tr, out, metrics, meter.record(tr), bar, callbacks)
+            if tr.step >= tr.total_steps:
+                break
+        finished_epoch = tr.batch_in_epoch >= tr.batches_per_epoch  # False only when max_steps ends mid-epoch
+        if finished_epoch:
+            tr.epoch, tr.batch_in_epoch = tr.epoch + 1, 0
+        sample_due = finished_epoch and tr.epoch % cfg.sample_interval == 0
+        if samples is not None and (tr.step >= tr.total_steps or sample_due):
+            samples.write(tr.student, tr.epoch, callbacks)
+    if samples is not None and not samples.grids:  # resumed from the last step: a kill may have cut its samples
+        last_epoch = tr.epoch + 1 if tr.batch_in_epoch >= tr.batches_per_epoch else tr.epoch
+        if not (samples.dir / f"epoch_{last_epoch:04d}_grid.png").is_file():
+            samples.write(tr.student, last_epoch, callbacks)
+    bar.close()
+
+
+class _Meter:
+    """Sums the loss parts of a step's micro-batches and counts the samples seen between two logged steps."""
+
+    def __init__(self, rt: _Dist):
+        self.rt, self.parts, self.micro, self.samples, self.since = rt, {}, 0, 0, time.perf_counter()
+
+    def add(self, parts: dict, batch_size: int) -> None:
+        for k, v in parts.items():
+            self.parts[k] = self.parts.get(k, 0.0) + v.detach()
+        self.micro += 1
+        self.samples += batch_size * self.rt.world_size
+
+    def record(self, tr: _Training) -> dict:
+        """The step's metrics line (loss parts averaged over micro-batches and ranks); starts the next step's sums."""
+        now = time.perf_counter()
+        record = {"step": tr.step, "epoch": tr.epoch + tr.batch_in_epoch / tr.batches_per_epoch,
+                  **{k: float(self.rt.mean(v / self.micro)) for k, v in self.parts.items()},
+                  "lr": tr.lr_scheduler.get_last_lr()[0], "samples_per_s": self.samples / max(now - self.since, 1e-9)}
+        self.parts, self.micro, self.samples, self.since = {}, 0, 0, now
+        return record
+
+
+def _optimizer_step(cfg: DistillConfig, rt: _Dist, tr: _Training) -> None:
+    loss_params = list(tr.loss_fn.parameters())  # the feature adapters: outside DDP, averaged by hand
+    if rt.world_size > 1 and loss_params:
+        _average_gradients(loss_params, rt)  # every replica clips and steps the same adapters
+    torch.nn.utils.clip_grad_norm_(tr.params, cfg.max_grad_norm)
+    tr.optimizer.step()
+    tr.lr_scheduler.step()
+    tr.optimizer.zero_grad(set_to_none=True)
+    if tr.ema is not None:
+        tr.ema.step(tr.student.parameters())
+
+
+def _after_step(cfg: DistillConfig, rt: _Dist, tr: _Training, out: Path, metrics: list, record: dict, bar,
+                callbacks: Callback) -> None:
+    """Log the step (rank 0) and write its checkpoint when one is due (rank 0; every rank waits for it)."""
+    if rt.is_main:
+        _append_metrics(out / "metrics.jsonl", record)
+        metrics.append(record)
+        bar.set_postfix(loss=f"{record['loss']:.4g}")
+        bar.update()
+        callbacks.on_step(tr.step, record)
+    if tr.step % cfg.checkpoint_interval == 0 or tr.step == tr.total_steps:
+        if rt.is_main:
+            path = _save_checkpoint(out, tr.step, tr.student, tr.state(), cfg.keep_checkpoints)
+            callbacks.on_checkpoint(tr.step, path)
+        rt.barrier()
+
+
+def _micro_step(model, loss_fn, batch, targets, teacher, rt: _Dist, autocast, step) -> dict:
+    """The loss parts of one micro-batch: targets from the batch (cache) or from `teacher` (online)."""
+    device = rt.device
+    latents = batch["latents"].to(device)
+    timesteps = batch["timesteps"].to(device)
+    embeds = targets.prompt_embeds[batch["prompt_index"]].to(device)
+    teacher_feats = None
+    if teacher is None:
+        v_cond, v_uncond, guidance = (batch[k].to(device) for k in ("v_cond", "v_uncond", "guidance"))
+    else:
+        negative = targets.negative_embeds.expand(len(latents), -1, -1)
+        # each sample on its own expert; with feature KD also the teacher's block outputs
+        v_cond, v_uncond, guidance, teacher_feats = teacher.query(latents, timesteps, embeds, negative,
+                                                                  capture_blocks=loss_fn.feature_weight > 0)
+        v_cond, v_uncond, guidance = v_cond.to(device), v_uncond.to(device), guidance.to(device)
+    with autocast:
+        out = model(latents, timesteps, embeds, output_hidden_states=loss_fn.feature_weight > 0)
+    parts = loss_fn(out.sample.float(), v_cond, v_uncond, guidance, timestep=timesteps,
+                    student_feats=out.hidden_states, teacher_feats=teacher_feats)
+    _stop_if_not_finite(parts, step + 1, rt)
+    return parts
+
+
+def _stop_if_not_finite(parts: dict, step: int, rt: _Dist) -> None:
+    """Stop every rank together on a non-finite loss: a rank that stopped alone would leave the others waiting in
+    DDP's all-reduce. The ranks agree first, so all raise the same message before any bad step is applied."""
+    if rt.world_size == 1:
+        check_finite(parts, step)
+        return
+    bad = [name for name, value in parts.items() if not torch.isfinite(value.detach()).all()]
+    ranks = rt.ranks_where(bool(bad))
+    if ranks:
+        raise NonFiniteLossError(non_finite_message(step, f"on rank{'s' if len(ranks) > 1 else ''} "
+                                                          f"{', '.join(map(str, ranks))} of {rt.world_size}"))
+
+
+def _average_gradients(params: list, rt: _Dist) -> None:
+    """Average the gradients of parameters DDP does not own (the feature adapters) over the ranks."""
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = rt.mean(torch.cat([g.flatten() for g in grads]))
+    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = chunk.view_as(p).clone()
+
+
+def _autocast(cfg: DistillConfig, device: torch.device):
+    use_bf16 = device.type == "cuda" and cfg.mixed_precision in ("auto", "bf16")
+    if cfg.mixed_precision == "bf16" and device.type != "cuda":
+        warnings.warn("mixed_precision='bf16' is used on GPUs only; training in float32 on the CPU")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _prepare_metrics(path: Path, step: int, is_main: bool) -> list:
+    """Metrics of steps up to `step` (those after it, from a killed run, are dropped so the curve continues; so is a
+    last line the kill cut short). The file is rewritten under a temporary name: a kill here loses no step."""
+    records = []
+    for line in path.read_text().splitlines() if path.is_file() else []:
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            break  # only the last line can be cut short
+        if record["step"] <= step:
+            records.append(record)
+    if is_main:
+        tmp = path.with_name(f".{path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        os.replace(tmp, path)
+    return records
+
+
+def _append_metrics(path: Path, record: dict) -> None:
+    with open(path, "a") as f:
+        f.write(json.dumps(record) + "\n")
+
+
+
+# --- samples ---------------------------------------------------------------------------------------------------
+
+
+def _make_samples(cfg: DistillConfig, run: _RunInputs, rt: _Dist, out: Path, student, targets, sample_prompts: list,
+                  teacher: _LazyTeacher):
+    """The sample writer (rank 0, with save_samples), or None."""
+    if not (cfg.save_samples and rt.is_main):
+        return None
+    embeds = _sample_embeds(targets, run.prompts, sample_prompts, teacher)
+    sample_dir = Path(cfg.sample_dir) if cfg.sample_dir else out / "samples"
+    return _Samples(cfg, str(run.teacher.source), student, sample_prompts, embeds, run.spec.height, run.spec.width,
+                    sample_dir, teacher=teacher.loaded)
+
+
+class _Samples:
+    """Student (and, once, teacher) images for the sample prompts from the same fixed noise, written to `dir`."""
+
+    def __init__(self, cfg: DistillConfig, teacher_source: str, student, prompts: list[str], embeds,
+                 height: int, width: int, sample_dir: Path, teacher=None):
+        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+        from .pipeline import WanLitePipeline
+        from .teacher import read_model_index
+
+        self.cfg, self.prompts, self.embeds, self.dir = cfg, prompts, embeds, sample_dir
+        self.paths, self.grids = [], []  # what this run wrote
+        self.steps = cfg.sample_steps or cfg.num_inference_steps
+        vae = AutoencoderKLWan.from_pretrained(teacher_source, subfolder="vae").eval().requires_grad_(False)
+        scheduler = UniPCMultistepScheduler.from_pretrained(teacher_source, subfolder="scheduler")
+        expand = bool(read_model_index(Path(teacher_source)).get("expand_timesteps"))
+        vae.to(next(student.parameters()).device)
+        self.pipe = WanLitePipeline(transformer=student, vae=vae, scheduler=scheduler, expand_timesteps=expand)
+        self.pipe.set_progress_bar_config(disable=True)
+        scale = self.pipe.vae_scale_factor
+        generator = torch.Generator().manual_seed(cfg.seed + 12345)
+        self.noise = torch.randn(len(prompts), vae.config.z_dim, height // scale, width // scale, generator=generator)
+        self.teacher_images = self._teacher_images(teacher) if teacher is not None else None
+
+    def _teacher_images(self, teacher) -> list:
+        from .data import record_trajectories
+
+        embeds, negative = teacher.encode_prompts(self.prompts, negative="")
+        _, final = record_trajectories(teacher, embeds, negative, self.noise[:, :, None],
+                                       TargetSpec(num_inference_steps=self.steps), progress=False)
+        return self.pipe.decode_latents(final[:, :, 0])
+
+    @torch.no_grad()
+    def student_images(self) -> list:
+        device = next(self.pipe.transformer.parameters()).device
+        return self.pipe(prompt_embeds=self.embeds.to(device), latents=self.noise.to(device),
+                         num_inference_steps=self.steps, output_type="pil").images
+
+    def write(self, student, epoch: int, callbacks: Callback) -> None:
+        """The student's images after `epoch` and a grid (under the teacher's, when there are any)."""
+        from .viz import image_grid
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        was_training = student.training
+        student.eval()
+        images = self.student_images()
+        student.train(was_training)
+        for i, image in enumerate(images):
+            path = self.dir / f"epoch_{epoch:04d}_sample_{i:02d}.png"
+            _save_image(image, path)
+            self.paths.append(path)
+        rows = {"teacher": self.teacher_images, "student": images} if self.teacher_images else {"student": images}
+        grid = self.dir / f"epoch_{epoch:04d}_grid.png"
+        _save_image(image_grid([im for row in rows.values() for im in row], nrow=len(images)), grid)
+        self.grids.append(grid)
+        callbacks.on_samples(epoch, rows, self.prompts)
+
+
+def _sample_embeds(targets, prompts, sample_prompts, teacher: _LazyTeacher):
+    index = {p: i for i, p in enumerate(prompts)}
+    if all(p in index for p in sample_prompts):
+        return targets.prompt_embeds[[index[p] for p in sample_prompts]]
+    return teacher().encode_prompts(sample_prompts)
+
+
+def _save_image(image, path: Path) -> None:
+    """An image file that appears complete or not at all (written under a temporary name, then renamed)."""
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    image.save(tmp)
+    os.replace(tmp, path)
 
 
 # --- checkpoints ---------------------------------------------------------------------------------------------
@@ -402,282 +960,31 @@ def _load_checkpoint(checkpoint: Path):
     return WanLiteTransformer2DModel.from_pretrained(checkpoint / "student", use_safetensors=True), state
 
 
-# --- the teacher, loaded only when it is needed ----------------------------------------------------------------
+
+# --- 6. export ---------------------------------------------------------------------------------------------------
 
 
-class _LazyTeacher:
-    def __init__(self, cfg: DistillConfig, embed_cache: Path, holds_teacher: bool = True):
-        self.cfg, self.embed_cache, self.holds_teacher, self.teacher = cfg, embed_cache, holds_teacher, None
-
-    def __call__(self):
-        if not self.holds_teacher:
-            raise RuntimeError("this rank shares rank 0's teacher (teacher_device_strategy='gpu0') and must not load one")
-        if self.teacher is None:
-            from .teacher import load_teacher
-
-            cfg = self.cfg
-            self.teacher = load_teacher(cfg.teacher_path, cfg.teacher_device_strategy, cfg.teacher_dtype,
-                                        teacher_on_cpu=cfg.teacher_on_cpu, load_experts=False, cache_dir=self.embed_cache,
-                                        guidance_scale=cfg.guidance_scale, guidance_scale_2=cfg.guidance_scale_2)
-        return self.teacher
-
-
-def _build_student(cfg: DistillConfig, student_cfg: StudentConfig, get_teacher, teacher_config: dict, rank: int,
-                   calibration_prompts: list[str]):
-    if cfg.student_init == "random":
-        return WanLiteTransformer2DModel.from_student_config(student_cfg, teacher_config, seed=cfg.seed), None
-    if cfg.student_init != "projection":
-        path = Path(cfg.student_init)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"student_init={cfg.student_init!r} is neither 'projection', 'random' nor a saved "
-                                    "student directory (with config.json)")
-        return WanLiteTransformer2DModel.from_pretrained(path), None
-    if rank != 0:
-        # Same architecture; DDP broadcasts rank 0's projected weights when it wraps the model.
-        return WanLiteTransformer2DModel.from_student_config(student_cfg, teacher_config, seed=cfg.seed), None
-    from .projection import project
-
-    return project(get_teacher(), student_cfg, layers=cfg.projection_layers, width=cfg.projection_width,
-                   expert=cfg.projection_expert, calibration={"prompts": calibration_prompts})
-
-
-# --- samples ---------------------------------------------------------------------------------------------------
-
-
-class _Sampler:
-    """Student (and, once, teacher) images for the sample prompts from the same fixed noise."""
-
-    def __init__(self, cfg: DistillConfig, teacher_source: str, student, prompts: list[str], embeds,
-                 height: int, width: int, teacher=None):
-        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
-
-        from .pipeline import WanLitePipeline
-        from .teacher import read_model_index
-
-        self.cfg, self.prompts, self.embeds = cfg, prompts, embeds
-        self.steps = cfg.sample_steps or cfg.num_inference_steps
-        vae = AutoencoderKLWan.from_pretrained(teacher_source, subfolder="vae").eval().requires_grad_(False)
-        scheduler = UniPCMultistepScheduler.from_pretrained(teacher_source, subfolder="scheduler")
-        expand = bool(read_model_index(Path(teacher_source)).get("expand_timesteps"))
-        vae.to(next(student.parameters()).device)
-        self.pipe = WanLitePipeline(transformer=student, vae=vae, scheduler=scheduler, expand_timesteps=expand)
-        self.pipe.set_progress_bar_config(disable=True)
-        scale = self.pipe.vae_scale_factor
-        generator = torch.Generator().manual_seed(cfg.seed + 12345)
-        self.noise = torch.randn(len(prompts), vae.config.z_dim, height // scale, width // scale, generator=generator)
-        self.teacher_images = self._teacher_images(teacher) if teacher is not None else None
-
-    def _teacher_images(self, teacher) -> list:
-        from .data import record_trajectories
-
-        embeds, negative = teacher.encode_prompts(self.prompts, negative="")
-        _, final = record_trajectories(teacher, embeds, negative, self.noise[:, :, None],
-                                       TargetSpec(num_inference_steps=self.steps), progress=False)
-        return self.pipe.decode_latents(final[:, :, 0])
-
-    @torch.no_grad()
-    def student_images(self) -> list:
-        device = next(self.pipe.transformer.parameters()).device
-        return self.pipe(prompt_embeds=self.embeds.to(device), latents=self.noise.to(device),
-                         num_inference_steps=self.steps, output_type="pil").images
-
-
-# --- the loop --------------------------------------------------------------------------------------------------
-
-
-def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
-    """Distil the teacher into a Wan-Lite student; see `DistillConfig` for every parameter.
-
-    Call it as `distill(batch_size=8, ...)` or `distill(DistillConfig(...))`. Returns a `DistillResult` with
-    the student path, checkpoints, samples and metrics. Under torchrun every rank calls it.
-    """
-    cfg = _resolve_config(config, params)
-    rt = _setup_distributed(cfg)
-    _check(cfg, rt.world_size)
-    run = _validate(cfg)
-    out = Path(cfg.output_dir)
-    _claim_output_dir(out, cfg, rt)
-    torch.manual_seed(cfg.seed)
-    prompts, spec, cache_dir = run.prompts, run.spec, run.cache_dir
-    height, width = spec.height, spec.width
-    if run.cache_mismatch:  # overwrite=True: a cache of another teacher, spec or prompts is discarded, never reused
-        rt.barrier()
-        if rt.is_main:
-            open_target_cache(cache_dir, run.fingerprint, spec, prompts, discard_mismatch=True)
-        rt.barrier()
-    # gpu0 under torchrun: one teacher on GPU 0, held by rank 0 alone; the other ranks wait for its targets.
-    shared = run.placement.shared
-    holds_teacher = rt.is_main or not shared
-    get_teacher = _LazyTeacher(cfg, cache_dir / "prompt_embed_cache", holds_teacher)
-
-    # 1. Teacher targets: from the cache (built here if missing; the teacher is loaded only to build it).
-    checkpoints = list_checkpoints(out) if cfg.resume else []
-    sample_prompts = list(cfg.sample_prompts or prompts[:2])
-    cache_complete = (cache_dir / "manifest.json").is_file()
-    needs_teacher = holds_teacher and (cfg.teacher_targets == "online" or not cache_complete
-                                       or (cfg.student_init == "projection" and not checkpoints and rt.is_main))
-    if needs_teacher:
-        # All text work first, then free the text encoder (UMT5-XXL: 5.7 B) before any expert is loaded.
-        get_teacher().encode_prompts(prompts + sample_prompts, negative="")
-        get_teacher().release_text_encoder()
-    if cfg.teacher_targets == "cache":
-        if not cache_complete:
-            if holds_teacher:
-                build_target_cache(get_teacher(), prompts, cache_dir, spec, rank=0 if shared else rt.rank,
-                                   world_size=1 if shared else rt.world_size, barrier=None if shared else rt.barrier,
-                                   progress=cfg.progress and rt.is_main)
-            if shared:
-                rt.barrier()
-        targets, manifest = load_target_cache(cache_dir, run.fingerprint, spec, prompts)
-    else:
-        targets = make_online_inputs(get_teacher(), prompts, spec, progress=cfg.progress and rt.is_main)
-
-    # 2. Student: resumed, projected from the teacher, random, or loaded.
-    state = None
-    teacher_config = run.teacher_config
-    report = None
-    if checkpoints:
-        student, state = _load_checkpoint(checkpoints[-1])
-    else:
-        student, report = _build_student(cfg, run.student_config, get_teacher, teacher_config, rt.rank,
-                                          prompts[:8])
-    student.to(rt.device).train()
-    if cfg.gradient_checkpointing:
-        student.enable_gradient_checkpointing()
-
-    pairing = _feature_pairing(cfg, student, teacher_config, report, state, rt)
-    loss_fn = _make_loss(cfg, pairing, student, teacher_config).to(rt.device)
-    model = student
-    if rt.world_size > 1:
-        model = torch.nn.parallel.DistributedDataParallel(
-            student, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-    loss_params = list(loss_fn.parameters())  # the feature adapters: outside DDP, averaged by hand
-    params = list(student.parameters()) + loss_params
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    local_batch = cfg.batch_size // rt.world_size
-    sampler = torch.utils.data.DistributedSampler(targets, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
-                                                  seed=cfg.seed, drop_last=True)
-    # Each epoch's iterator draws a seed from the loader's generator: with its own, the global RNG (checkpointed)
-    # is not advanced by it, so a resumed run's RNG stream is the uninterrupted run's.
-    loader = torch.utils.data.DataLoader(targets, batch_size=local_batch, sampler=sampler, drop_last=True,
-                                         num_workers=cfg.num_workers, generator=torch.Generator().manual_seed(cfg.seed))
-    steps_per_epoch = len(loader) // cfg.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(targets)} targets give no full batch of {cfg.batch_size}: lower batch_size or add prompts")
-    total_steps = cfg.num_epochs * steps_per_epoch
-    if cfg.max_steps is not None:
-        total_steps = min(total_steps, cfg.max_steps) if cfg.max_steps > 0 else total_steps
-    from diffusers.optimization import get_cosine_schedule_with_warmup
-
-    lr_scheduler = get_cosine_schedule_with_warmup(optimizer, min(cfg.warmup_steps, total_steps), total_steps)
-    ema = None
-    if cfg.ema_decay > 0:
-        from diffusers.training_utils import EMAModel
-
-        ema = EMAModel(student.parameters(), decay=cfg.ema_decay)
-
-    step, epoch, batch_in_epoch = 0, 0, 0
-    if state is not None:
-        step, epoch, batch_in_epoch = _restore_training_state(state, optimizer, lr_scheduler, ema, loss_fn, rt.device)
-
-    metrics_path = out / "metrics.jsonl"
-    metrics = _prepare_metrics(metrics_path, step, rt.is_main)
-    sample_dir = Path(cfg.sample_dir) if cfg.sample_dir else out / "samples"
-    sampler_images = None
-    if cfg.save_samples and rt.is_main:
-        embeds = _sample_embeds(targets, prompts, sample_prompts, get_teacher)
-        sampler_images = _Sampler(cfg, str(run.teacher.source), student, sample_prompts, embeds, height, width,
-                                  teacher=get_teacher.teacher)
-    sample_paths, grid_paths = [], []
-    if get_teacher.teacher is not None and cfg.teacher_targets == "cache":
-        get_teacher.teacher = None  # training from the cache needs no teacher: free it
-    online = get_teacher.teacher if cfg.teacher_targets == "online" else None
-    autocast = _autocast(cfg, rt.device)
-    # Training's random stream starts here, from the checkpoint or the seed, whatever the setup drew (a target cache
-    # built in this process, the teacher's sample images): a resumed run continues the uninterrupted run's stream.
-    if state is not None:
-        torch.set_rng_state(state["rng"])
-    else:
-        torch.manual_seed(cfg.seed)
-
-    bar = tqdm(total=total_steps, initial=step, desc="distilling", disable=not (cfg.progress and rt.is_main))
-    t_last, samples_since = time.perf_counter(), 0
-    accum = cfg.gradient_accumulation_steps
-    while step < total_steps:
-        sampler.set_epoch(epoch)
-        parts_sum, micro = {}, 0
-        for b, batch in enumerate(loader):
-            if b < batch_in_epoch or b >= steps_per_epoch * accum:
-                continue
-            parts = _micro_step(model, loss_fn, batch, targets, online, rt, autocast, step)
-            (parts["loss"] / accum).backward()
-            for k, v in parts.items():
-                parts_sum[k] = parts_sum.get(k, 0.0) + v.detach()
-            micro += 1
-            samples_since += len(batch["timesteps"]) * rt.world_size
-            if micro < accum:
-                continue
-            if rt.world_size > 1 and loss_params:
-                _average_gradients(loss_params, rt)  # every replica clips and steps the same adapters
-            torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm)
-            optimizer.step()
-            lr_scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if ema is not None:
-                ema.step(student.parameters())
-            step += 1
-            batch_in_epoch = b + 1
-            now = time.perf_counter()
-            record = {"step": step, "epoch": epoch + batch_in_epoch / (steps_per_epoch * accum),
-                      **{k: float(rt.mean(v / micro)) for k, v in parts_sum.items()},
-                      "lr": lr_scheduler.get_last_lr()[0], "samples_per_s": samples_since / max(now - t_last, 1e-9)}
-            t_last, samples_since, parts_sum, micro = now, 0, {}, 0
-            if rt.is_main:
-                _append_metrics(metrics_path, record)
-                metrics.append(record)
-                bar.set_postfix(loss=f"{record['loss']:.4g}")
-                bar.update()
-                _notify(cfg.callbacks, "on_step", step, record)
-            if step % cfg.checkpoint_interval == 0 or step == total_steps:
-                if rt.is_main:
-                    _save_checkpoint(out, step, student, _training_state(
-                        optimizer, lr_scheduler, ema, loss_fn, pairing, step, epoch, batch_in_epoch), cfg.keep_checkpoints)
-                rt.barrier()
-            if step >= total_steps:
-                break
-        finished_epoch = batch_in_epoch >= steps_per_epoch * accum  # False only when max_steps ends mid-epoch
-        if finished_epoch:
-            epoch, batch_in_epoch = epoch + 1, 0
-        if sampler_images is not None and (step >= total_steps or (finished_epoch and epoch % cfg.sample_interval == 0)):
-            paths, grid = _write_samples(sampler_images, student, sample_dir, epoch, sample_prompts, cfg.callbacks)
-            sample_paths += paths
-            grid_paths.append(grid)
-    if sampler_images is not None and not grid_paths:  # resumed from the last step: a kill may have cut its samples
-        last_epoch = epoch + 1 if batch_in_epoch >= steps_per_epoch * accum else epoch
-        if not (sample_dir / f"epoch_{last_epoch:04d}_grid.png").is_file():
-            paths, grid = _write_samples(sampler_images, student, sample_dir, last_epoch, sample_prompts, cfg.callbacks)
-            sample_paths += paths
-            grid_paths.append(grid)
-    bar.close()
-
+def _export(cfg: DistillConfig, rt: _Dist, out: Path, run: _RunInputs, tr: _Training, metrics: list, samples,
+            callbacks: Callback) -> DistillResult:
+    """The final student, its EMA, the run's config and the self-contained pipeline (rank 0 writes them)."""
     student_path = ema_path = None
     if rt.is_main:
         student_path = out / "student"
-        student.save_pretrained(student_path, safe_serialization=True)
-        if ema is not None:
+        tr.student.save_pretrained(student_path, safe_serialization=True)
+        if tr.ema is not None:
             ema_path = out / "student_ema"
-            ema.store(student.parameters())
-            ema.copy_to(student.parameters())
-            student.save_pretrained(ema_path, safe_serialization=True)
-            ema.restore(student.parameters())
+            tr.ema.store(tr.student.parameters())
+            tr.ema.copy_to(tr.student.parameters())
+            tr.student.save_pretrained(ema_path, safe_serialization=True)
+            tr.ema.restore(tr.student.parameters())
         (out / "distill_config.json").write_text(json.dumps(cfg.to_json(), indent=1, default=str))
         _export_pipeline(out, ema_path or student_path, run.teacher, cfg)
     rt.barrier()
+    sample_paths, grid_paths = (samples.paths, samples.grids) if samples is not None else ([], [])
     result = DistillResult(out, student_path, ema_path, list_checkpoints(out), sample_paths, grid_paths,
-                           metrics_path, metrics, step)
+                           out / "metrics.jsonl", metrics, tr.step)
     if rt.is_main:
-        _notify(cfg.callbacks, "on_end", result)
+        callbacks.on_end(result)
     return result
 
 
@@ -691,167 +998,3 @@ def _export_pipeline(out: Path, student_path: Path, teacher, cfg: DistillConfig)
                            cfg_distilled=cfg.cfg_distill and teacher.guidance_scale > 1,
                            teacher_guidance_scale=teacher.guidance_scale, overwrite=cfg.resume)
 
-
-def _feature_pairing(cfg: DistillConfig, student, teacher_config: dict, report, state, rt: _Dist) -> dict | None:
-    """Feature KD's student->teacher block map and teacher channels. Identical on every rank (rank 0's: only it
-    has the projection report) and kept in the checkpoint, so a resumed run pairs the blocks as before."""
-    if cfg.feature_weight <= 0:
-        return None
-    if state is not None and state.get("feature_pairing"):
-        return state["feature_pairing"]
-    if report is not None:
-        pairing = {"depth_map": list(report.depth_map), "channels": list(report.channels)}
-    else:
-        from .projection import select_layers
-
-        pairing = {"depth_map": select_layers(teacher_config["num_layers"], student.config.num_layers, "uniform"),
-                   "channels": None}
-    return rt.broadcast(pairing)
-
-
-def _make_loss(cfg: DistillConfig, pairing: dict | None, student, teacher_config: dict) -> DistillLoss:
-    if pairing is None:
-        return DistillLoss(cfg_distill=cfg.cfg_distill, weighting=cfg.timestep_weighting)
-    block_map = list(enumerate(pairing["depth_map"]))
-    teacher_dim = teacher_config["num_attention_heads"] * teacher_config["attention_head_dim"]
-    student_dim = student.config.num_attention_heads * student.config.attention_head_dim
-    adapters = FeatureAdapters(student_dim, teacher_dim, len(block_map), channels=pairing["channels"])
-    return DistillLoss(feature_weight=cfg.feature_weight, cfg_distill=cfg.cfg_distill,
-                       weighting=cfg.timestep_weighting, adapters=adapters, block_map=block_map)
-
-
-def _average_gradients(params: list, rt: _Dist) -> None:
-    """Average the gradients of parameters DDP does not own (the feature adapters) over the ranks."""
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = rt.mean(torch.cat([g.flatten() for g in grads]))
-    for p, chunk in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = chunk.view_as(p).clone()
-
-
-def _stop_if_not_finite(parts: dict, step: int, rt: _Dist) -> None:
-    """Stop every rank together on a non-finite loss: a rank that stopped alone would leave the others waiting in
-    DDP's all-reduce. The ranks agree first, so all raise the same message before any bad step is applied."""
-    if rt.world_size == 1:
-        check_finite(parts, step)
-        return
-    bad = [name for name, value in parts.items() if not torch.isfinite(value.detach()).all()]
-    ranks = rt.ranks_where(bool(bad))
-    if ranks:
-        raise NonFiniteLossError(non_finite_message(step, f"on rank{'s' if len(ranks) > 1 else ''} "
-                                                          f"{', '.join(map(str, ranks))} of {rt.world_size}"))
-
-
-def _micro_step(model, loss_fn, batch, targets, teacher, rt: _Dist, autocast, step) -> dict:
-    device = rt.device
-    latents = batch["latents"].to(device)
-    timesteps = batch["timesteps"].to(device)
-    embeds = targets.prompt_embeds[batch["prompt_index"]].to(device)
-    teacher_feats = None
-    if teacher is None:
-        v_cond, v_uncond, guidance = (batch[k].to(device) for k in ("v_cond", "v_uncond", "guidance"))
-    else:
-        negative = targets.negative_embeds.expand(len(latents), -1, -1)
-        v_cond, v_uncond, guidance, teacher_feats = _query_online(teacher, latents, timesteps, embeds, negative,
-                                                                  need_features=loss_fn.feature_weight > 0)
-        v_cond, v_uncond, guidance = v_cond.to(device), v_uncond.to(device), guidance.to(device)
-    with autocast:
-        out = model(latents, timesteps, embeds, output_hidden_states=loss_fn.feature_weight > 0)
-    parts = loss_fn(out.sample.float(), v_cond, v_uncond, guidance, timestep=timesteps,
-                    student_feats=out.hidden_states, teacher_feats=teacher_feats)
-    _stop_if_not_finite(parts, step + 1, rt)
-    return parts
-
-
-def _query_online(teacher, latents, timesteps, embeds, negative, need_features: bool):
-    """Teacher velocities (and block outputs, for feature KD) for a batch, each sample on its own expert."""
-    return teacher.query(latents, timesteps, embeds, negative, capture_blocks=need_features)
-
-
-def _autocast(cfg: DistillConfig, device: torch.device):
-    use_bf16 = device.type == "cuda" and cfg.mixed_precision in ("auto", "bf16")
-    if cfg.mixed_precision == "bf16" and device.type != "cuda":
-        warnings.warn("mixed_precision='bf16' is used on GPUs only; training in float32 on the CPU")
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def _training_state(optimizer, lr_scheduler, ema, loss_fn, pairing, step, epoch, batch_in_epoch) -> dict:
-    return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(),
-            "ema": ema.state_dict() if ema is not None else None, "loss_fn": loss_fn.state_dict(),
-            "feature_pairing": pairing, "rng": torch.get_rng_state(), "step": step, "epoch": epoch,
-            "batch_in_epoch": batch_in_epoch}
-
-
-def _restore_training_state(state: dict, optimizer, lr_scheduler, ema, loss_fn, device) -> tuple[int, int, int]:
-    """Load a checkpoint's training state onto the training `device`; returns (step, epoch, batch_in_epoch)."""
-    optimizer.load_state_dict(state["optimizer"])
-    lr_scheduler.load_state_dict(state["lr_scheduler"])
-    if ema is not None and state.get("ema") is not None:
-        ema.load_state_dict(state["ema"])
-        ema.to(device=device)  # the shadow weights come back where torch.load put them: on the CPU
-    if state.get("loss_fn"):
-        loss_fn.load_state_dict(state["loss_fn"])
-    return state["step"], state["epoch"], state["batch_in_epoch"]
-
-
-def _prepare_metrics(path: Path, step: int, is_main: bool) -> list:
-    """Metrics of steps up to `step` (those after it, from a killed run, are dropped so the curve continues; so is a
-    last line the kill cut short). The file is rewritten under a temporary name: a kill here loses no step."""
-    records = []
-    for line in path.read_text().splitlines() if path.is_file() else []:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            break  # only the last line can be cut short
-        if record["step"] <= step:
-            records.append(record)
-    if is_main:
-        tmp = path.with_name(f".{path.name}.tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        os.replace(tmp, path)
-    return records
-
-
-def _append_metrics(path: Path, record: dict) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _sample_embeds(targets, prompts, sample_prompts, get_teacher):
-    index = {p: i for i, p in enumerate(prompts)}
-    if all(p in index for p in sample_prompts):
-        return targets.prompt_embeds[[index[p] for p in sample_prompts]]
-    return get_teacher().encode_prompts(sample_prompts)
-
-
-def _write_samples(sampler, student, sample_dir: Path, epoch: int, prompts, callbacks):
-    from .viz import image_grid
-
-    sample_dir.mkdir(parents=True, exist_ok=True)
-    was_training = student.training
-    student.eval()
-    images = sampler.student_images()
-    student.train(was_training)
-    paths = []
-    for i, image in enumerate(images):
-        path = sample_dir / f"epoch_{epoch:04d}_sample_{i:02d}.png"
-        _save_image(image, path)
-        paths.append(path)
-    rows = {"teacher": sampler.teacher_images, "student": images} if sampler.teacher_images else {"student": images}
-    grid = sample_dir / f"epoch_{epoch:04d}_grid.png"
-    _save_image(image_grid([im for row in rows.values() for im in row], nrow=len(images)), grid)
-    _notify(callbacks, "on_samples", epoch, rows, prompts)
-    return paths, grid
-
-
-def _save_image(image, path: Path) -> None:
-    """An image file that appears complete or not at all (written under a temporary name, then renamed)."""
-    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    image.save(tmp)
-    os.replace(tmp, path)
-
-
-def _notify(callbacks, event: str, *args) -> None:
-    for callback in callbacks:
-        handler = getattr(callback, event, None)
-        if handler is not None:
-            handler(*args)

@@ -203,20 +203,11 @@ class WanLitePipeline(DiffusionPipeline):
     # --- sampling --------------------------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(
-        self,
-        prompt: str | list[str] | None = None,
-        negative_prompt: str | list[str] | None = None,
-        *,
-        prompt_embeds: torch.Tensor | None = None,
-        negative_prompt_embeds: torch.Tensor | None = None,
-        height: int | None = None,
-        width: int | None = None,
-        num_inference_steps: int = 8,
-        guidance_scale: float | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        latents: torch.Tensor | None = None,
-        output_type: str = "pil",
-        return_dict: bool = True,
+        self, prompt: str | list[str] | None = None, negative_prompt: str | list[str] | None = None, *,
+        prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+        height: int | None = None, width: int | None = None, num_inference_steps: int = 8,
+        guidance_scale: float | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None, output_type: str = "pil", return_dict: bool = True,
         max_sequence_length: int = MAX_SEQUENCE_LENGTH,
     ) -> ImagePipelineOutput | tuple:
         r"""
@@ -252,6 +243,24 @@ class WanLitePipeline(DiffusionPipeline):
             max_sequence_length (`int`, defaults to `flow.MAX_SEQUENCE_LENGTH`):
                 Text length the embeddings are padded to (WanPipeline's).
         """
+        latents, height, width = self._image_size(latents, height, width)
+        self.check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, output_type)
+        device = self._execution_device
+        batch_size = prompt_embeds.shape[0] if prompt is None else 1 if isinstance(prompt, str) else len(prompt)
+        guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
+        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
+            prompt, negative_prompt, guidance_scale > 1.0, prompt_embeds, negative_prompt_embeds, max_sequence_length,
+            device,
+        )
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        latents = self.prepare_latents(batch_size, height, width, device, generator, latents)
+        latents = self._denoise(latents, prompt_embeds, negative_prompt_embeds, guidance_scale, device)
+        images = latents if output_type == "latent" else self.decode_latents(latents, output_type)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _image_size(self, latents, height, width) -> tuple:
+        """(latents without a frame axis, height, width): the size from the arguments, the latents or the default."""
         if latents is not None and latents.ndim == 5:
             if latents.shape[2] != 1:
                 raise ValueError(f"latents with a frame axis must have one frame, got shape {tuple(latents.shape)}")
@@ -260,29 +269,17 @@ class WanLitePipeline(DiffusionPipeline):
             height = height or latents.shape[-2] * self.vae_scale_factor
             width = width or latents.shape[-1] * self.vae_scale_factor
         default_h, default_w = self.default_image_size()
-        height, width = height or default_h, width or default_w
-        self.check_inputs(prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width, output_type)
+        return latents, height or default_h, width or default_w
 
-        device = self._execution_device
-        if prompt is not None:
-            batch_size = 1 if isinstance(prompt, str) else len(prompt)
-        else:
-            batch_size = prompt_embeds.shape[0]
-        guidance_scale = self.default_guidance_scale() if guidance_scale is None else guidance_scale
-        do_cfg = guidance_scale > 1.0
-        prompt_embeds, negative_prompt_embeds = self.encode_prompt(
-            prompt, negative_prompt, do_cfg, prompt_embeds, negative_prompt_embeds, max_sequence_length, device,
-        )
+    def _denoise(self, latents, prompt_embeds, negative_prompt_embeds, guidance_scale: float, device) -> torch.Tensor:
+        """WanPipeline's sampling loop on 2D latents: the scheduler's steps (set before), guided when g > 1."""
         dtype = self.transformer.dtype
         prompt_embeds = prompt_embeds.to(device, dtype)
+        do_cfg = guidance_scale > 1.0
         if do_cfg:
             negative_prompt_embeds = negative_prompt_embeds.to(device, dtype)
-
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
-        latents = self.prepare_latents(batch_size, height, width, device, generator, latents)
         self.scheduler.set_begin_index(0)
-
         with self.progress_bar(total=len(timesteps)) as progress_bar:
             for t in timesteps:
                 model_input = latents.to(dtype)
@@ -293,12 +290,7 @@ class WanLitePipeline(DiffusionPipeline):
                     velocity = guided_velocity(velocity, uncond, guidance_scale)
                 latents = self.scheduler.step(velocity, t, latents, return_dict=False)[0]
                 progress_bar.update()
-
-        images = latents if output_type == "latent" else self.decode_latents(latents, output_type)
-        self.maybe_free_model_hooks()
-        if not return_dict:
-            return (images,)
-        return ImagePipelineOutput(images=images)
+        return latents
 
 
 def check_pipeline_folder(folder: str | Path) -> Path:

@@ -201,6 +201,23 @@ def measure_importance(transformer, calibration: Calibration, *, batch_size: int
     activations and the condition embedder; nothing in the model is changed.
     """
     acc = _Accumulator()
+    hooks, linears = _importance_hooks(transformer, acc)
+    param = transformer.patch_embedding.weight  # the input's dtype (some modules stay float32 in bf16 models)
+    try:
+        for start in range(0, calibration.latents.shape[0], batch_size):
+            sl = slice(start, start + batch_size)
+            transformer(hidden_states=calibration.latents[sl].to(param.device, param.dtype),
+                        timestep=calibration.timesteps[sl].to(param.device),
+                        encoder_hidden_states=calibration.prompt_embeds[sl].to(param.device, param.dtype),
+                        return_dict=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return _importance(acc, len(transformer.blocks), linears)
+
+
+def _importance_hooks(transformer, acc: _Accumulator) -> tuple[list, list[str]]:
+    """Hooks that add each score's sums to `acc` as the model runs: (hooks, the names of its linear layers)."""
     blocks = transformer.blocks
     heads = transformer.config.num_attention_heads
     hooks = []
@@ -237,25 +254,17 @@ def measure_importance(transformer, calibration: Calibration, *, batch_size: int
     for name in linears:
         hooks.append(transformer.get_submodule(name).register_forward_pre_hook(
             on_input(("mean", name), lambda a, w: a.float().reshape(-1, a.shape[-1]).sum(0))))
+    return hooks, linears
 
-    param = transformer.patch_embedding.weight  # the input's dtype (some modules stay float32 in bf16 models)
-    try:
-        for start in range(0, calibration.latents.shape[0], batch_size):
-            sl = slice(start, start + batch_size)
-            transformer(hidden_states=calibration.latents[sl].to(param.device, param.dtype),
-                        timestep=calibration.timesteps[sl].to(param.device),
-                        encoder_hidden_states=calibration.prompt_embeds[sl].to(param.device, param.dtype),
-                        return_dict=False)
-    finally:
-        for h in hooks:
-            h.remove()
 
-    stream = torch.stack([acc.mean(("stream", i)) for i in range(len(blocks) + 1)])
+def _importance(acc: _Accumulator, num_blocks: int, linears: list[str]) -> Importance:
+    """The scores: means of the sums the hooks collected."""
+    stream = torch.stack([acc.mean(("stream", i)) for i in range(num_blocks + 1)])
     return Importance(
-        block_influence=torch.stack([acc.mean(("influence", i)) for i in range(len(blocks))]),
-        self_heads=torch.stack([acc.mean(("self", i)) for i in range(len(blocks))]),
-        cross_heads=torch.stack([acc.mean(("cross", i)) for i in range(len(blocks))]),
-        ffn_neurons=torch.stack([acc.mean(("ffn", i)) for i in range(len(blocks))]),
+        block_influence=torch.stack([acc.mean(("influence", i)) for i in range(num_blocks)]),
+        self_heads=torch.stack([acc.mean(("self", i)) for i in range(num_blocks)]),
+        cross_heads=torch.stack([acc.mean(("cross", i)) for i in range(num_blocks)]),
+        ffn_neurons=torch.stack([acc.mean(("ffn", i)) for i in range(num_blocks)]),
         channels=(stream / stream.sum(-1, keepdim=True)).mean(0),
         text_channels=acc.mean("text_channels"),
         time_hidden=acc.mean("time_hidden"),
@@ -627,18 +636,8 @@ def project(teacher, student_config, *, layers="uniform", width: str = "importan
     transformers, names = _experts(teacher, expert)
     tcfg = dict(transformers[0].config)
     kwargs = student_model_config(student_config, tcfg)
-    head_dim_t = tcfg["attention_head_dim"]
-    dim_t = tcfg["num_attention_heads"] * head_dim_t
-    if width == "importance" and kwargs["attention_head_dim"] != head_dim_t:
-        raise ValueError(f"width='importance' keeps whole teacher heads, so the student's head dim "
-                         f"(hidden_size / num_heads = {kwargs['attention_head_dim']}) must equal the teacher's "
-                         f"{head_dim_t}; set num_heads = hidden_size / {head_dim_t}")
-    for key in ("num_attention_heads", "attention_head_dim", "ffn_dim"):
-        if kwargs[key] > tcfg[key]:
-            raise ValueError(f"student {key}={kwargs[key]} exceeds the teacher's {tcfg[key]}: projection only removes width")
-
-    param = transformers[0].patch_embedding.weight
-    on_meta = param.is_meta
+    _check_widths(kwargs, tcfg, width)
+    on_meta = transformers[0].patch_embedding.weight.is_meta
     notes = []
     narrower = any(kwargs[k] < tcfg[k] for k in ("num_attention_heads", "ffn_dim"))
     wants_importance = (width == "importance" and narrower) or layers == "importance"
@@ -648,16 +647,42 @@ def project(teacher, student_config, *, layers="uniform", width: str = "importan
         importance = Importance.mean([measure_importance(t, calib) for t in transformers])
     elif wants_importance:
         notes.append("meta device: importance-based choices need weights; this plan shows first-k placeholders")
-
-    depth = kwargs["num_layers"]
-    num_teacher_layers = tcfg["num_layers"]
     layer_choice = "uniform" if layers == "importance" and importance is None else layers
-    depth_map = select_layers(num_teacher_layers, depth, layer_choice, importance)
+    depth_map = select_layers(tcfg["num_layers"], kwargs["num_layers"], layer_choice, importance)
     plan = plan_width(tcfg, kwargs, depth_map, importance if width == "importance" else None)
+    student, records = _projected_student(transformers, names, kwargs, depth_map, plan, width, importance)
+    report = ProjectionReport(
+        records=records, depth_map=depth_map, channels=plan.channels.tolist(), plan=plan, importance=importance,
+        layers=layers, width=width, expert=expert, experts=names,
+        student_parameters=sum(p.numel() for p in student.parameters()),
+        teacher_parameters=sum(p.numel() for p in transformers[0].parameters()),
+        plan_only=on_meta, notes=notes,
+    )
+    return student, report
 
-    with torch.device(param.device):  # float32 master weights, whatever the teacher's dtype
+
+def _check_widths(kwargs: dict, tcfg: dict, width: str) -> None:
+    """Projection only removes width, and importance-based width keeps whole teacher heads."""
+    head_dim_t = tcfg["attention_head_dim"]
+    if width == "importance" and kwargs["attention_head_dim"] != head_dim_t:
+        raise ValueError(f"width='importance' keeps whole teacher heads, so the student's head dim "
+                         f"(hidden_size / num_heads = {kwargs['attention_head_dim']}) must equal the teacher's "
+                         f"{head_dim_t}; set num_heads = hidden_size / {head_dim_t}")
+    for key in ("num_attention_heads", "attention_head_dim", "ffn_dim"):
+        if kwargs[key] > tcfg[key]:
+            raise ValueError(f"student {key}={kwargs[key]} exceeds the teacher's {tcfg[key]}: projection only removes width")
+
+
+def _projected_student(transformers: list, names: list[str], kwargs: dict, depth_map: list[int], plan, width: str,
+                       importance) -> tuple[WanLiteTransformer2DModel, list[ParameterRecord]]:
+    """A new student (float32, on the teacher's device) with every parameter that has a teacher source copied or
+    projected from it; the others keep their random init. Returns it and one record per parameter."""
+    tcfg = dict(transformers[0].config)
+    head_dim_t = tcfg["attention_head_dim"]
+    with torch.device(transformers[0].patch_embedding.weight.device):  # float32, whatever the teacher's dtype
         student = WanLiteTransformer2DModel(**kwargs).eval()
-    sources = _parameter_sources(depth_map, plan, head_dim_t, kwargs["attention_head_dim"], dim_t)
+    sources = _parameter_sources(depth_map, plan, head_dim_t, kwargs["attention_head_dim"],
+                                 tcfg["num_attention_heads"] * head_dim_t)
     states = [dict(t.named_parameters()) for t in transformers]
     mean_of = names if len(names) > 1 else []
     input_means = importance.input_means if importance is not None and width == "importance" else None
@@ -671,12 +696,4 @@ def project(teacher, student_config, *, layers="uniform", width: str = "importan
                                                input_means)
             target.copy_(value.float())
             records.append(record)
-
-    report = ProjectionReport(
-        records=records, depth_map=depth_map, channels=plan.channels.tolist(), plan=plan, importance=importance,
-        layers=layers, width=width, expert=expert, experts=names,
-        student_parameters=sum(p.numel() for p in student.parameters()),
-        teacher_parameters=sum(p.numel() for p in transformers[0].parameters()),
-        plan_only=on_meta, notes=notes,
-    )
-    return student, report
+    return student, records

@@ -647,8 +647,6 @@ def load_teacher(
             reference scales (A14B 4.0 high-noise / 3.0 low-noise; TI2V-5B and 2.1 5.0). Only guidance_scale:
             both experts use it (as WanPipeline does). guidance_scale <= 1 turns CFG off.
     """
-    from diffusers import WanPipeline
-
     info = read_teacher_info(path_or_id, guidance_scale, guidance_scale_2)
     torch_dtype = resolve_dtype(dtype)
     plan = teacher_device_plan(device_strategy, teacher_on_cpu)
@@ -656,8 +654,22 @@ def load_teacher(
         raise ValueError(f"teacher device strategy 'gpu0' keeps one teacher on GPU 0 for all ranks of this machine and "
                          f"local rank {local_ranks()[0]} must not load another copy: load it on local rank 0 only, or "
                          "use 'cuda' for one teacher per rank")
+    pipe = _load_pipeline(info, torch_dtype, plan.device, load_experts)
+    teacher = Teacher(
+        pipe=pipe, source=str(info.source), variant=info.variant, device=plan.device, dtype=torch_dtype,
+        guidance_scale=info.guidance_scale, guidance_scale_2=info.guidance_scale_2,
+        cache_dir=Path(cache_dir) if cache_dir else None,
+    )
+    logger.info("loaded %s teacher from %s on %s (%s)", info.variant, info.source, plan.device, torch_dtype)
+    return teacher
+
+
+def _load_pipeline(info: TeacherInfo, torch_dtype: torch.dtype, device: str, load_experts: bool):
+    """The teacher's WanPipeline on `device`, in eval mode without gradients; its experts left out (None) unless
+    `load_experts`. Every weight file is checked first, so a truncated one is a one-line error."""
+    from diffusers import WanPipeline
+
     source = str(info.source)
-    device = plan.device
     kwargs = {"torch_dtype": torch_dtype}
     components = [name for name in _components(info.index) if name not in ("transformer", "transformer_2")]
     if load_experts:
@@ -682,10 +694,4 @@ def load_teacher(
         module = getattr(pipe, name, None)
         if module is not None:
             module.eval().requires_grad_(False)
-    teacher = Teacher(
-        pipe=pipe, source=source, variant=info.variant, device=device, dtype=torch_dtype,
-        guidance_scale=info.guidance_scale, guidance_scale_2=info.guidance_scale_2,
-        cache_dir=Path(cache_dir) if cache_dir else None,
-    )
-    logger.info("loaded %s teacher from %s on %s (%s)", info.variant, source, device, torch_dtype)
-    return teacher
+    return pipe

@@ -549,7 +549,8 @@ LOSS_KEYS = ("loss", "feature")  # the velocity part equals the loss while featu
 
 
 class TrainingMonitor:
-    """A `distill()` callback that keeps a live loss plot and a student-vs-teacher sample grid up to date.
+    """A `distill()` callback (it has every hook of `wandistiller.Callback`) that keeps a live loss plot and a
+    student-vs-teacher sample grid up to date.
 
     Usage in a notebook: ``distill(..., callbacks=[TrainingMonitor()])``. Each plot is one figure updated in
     place through its display id, so a headless run stores exactly the final figures. `loss_plot_path` and
@@ -564,6 +565,9 @@ class TrainingMonitor:
 
     def on_step(self, step: int, metrics: Mapping[str, object]) -> None:
         self.loss_plot.update(step, metrics)
+
+    def on_checkpoint(self, step: int, path: Path) -> None:
+        """Nothing to show for a checkpoint."""
 
     def on_samples(self, epoch: int, rows: Mapping[str, Sequence[ImageLike]], captions: Sequence[str]) -> None:
         self.sample_grid.update(rows, title=f"after epoch {epoch}", captions=captions)
