@@ -40,6 +40,25 @@ def test_parameter_values_are_read_like_papermill():
     assert parse_parameter_value("../data/p.txt") == "../data/p.txt"
 
 
+def test_every_distill_flag_has_its_config_fields_description():
+    import argparse
+    import dataclasses
+
+    from wandistiller.cli import build_parser
+    from wandistiller.loops import DistillConfig
+
+    docs = DistillConfig.docs()
+    fields = [f.name for f in dataclasses.fields(DistillConfig)]
+    assert set(docs) == set(fields), "every DistillConfig field is described in its Parameters section, and no other"
+    command = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)).choices["distill"]
+    flags = {a.dest: a.help for a in command._actions if a.dest != "help"}
+    assert set(flags) == set(fields) - {"callbacks"}
+    for name, text in flags.items():
+        assert text.startswith(docs[name].rstrip(".")) and len(docs[name]) > 10, name
+    help_text = command.format_help()  # argparse expands every help string (a stray % would fail here)
+    assert "cache (computed once, then training without the teacher)" in " ".join(help_text.split())
+
+
 def test_rank_output_path(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert rank_output_path(Path("out/03.ipynb")) == Path("out/03.ipynb")

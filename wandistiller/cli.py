@@ -157,25 +157,27 @@ def _generate(args) -> int:
 
 
 def _add_distill_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per DistillConfig field, named as in the notebooks and the original tool (--num_epochs ...)."""
+    """One flag per DistillConfig field, named as in the notebooks and the original tool (--num_epochs ...), with
+    the field's description from DistillConfig's docstring as its help."""
     import dataclasses
 
     from .loops import DistillConfig
 
+    docs = DistillConfig.docs()
     for f in dataclasses.fields(DistillConfig):
         if f.name == "callbacks":
             continue
         kind = str(f.type)
         flag = f"--{f.name}"
+        doc = docs[f.name].rstrip(".")
+        text = f"{doc} (default: {f.default})"
         if kind == "bool":
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None,
-                                help=f"(default: {f.default})")
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif kind.startswith("list"):
-            parser.add_argument(flag, nargs="+", default=None, help="one or more values")
+            parser.add_argument(flag, nargs="+", default=None, help=f"{doc} (one or more values)")
         else:
             convert = float if kind.startswith("float") else int if kind.startswith("int") else str
-            parser.add_argument(flag, type=convert, default=None, metavar=f.name.upper(),
-                                help=f"(default: {f.default})")
+            parser.add_argument(flag, type=convert, default=None, metavar=f.name.upper(), help=text)
 
 
 class _Parser(argparse.ArgumentParser):

@@ -9,6 +9,7 @@ newest one on disk is always complete and `resume=True` continues exactly where 
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import shutil
@@ -36,7 +37,64 @@ CHECKPOINT_PREFIX = "step_"
 
 @dataclass
 class DistillConfig:
-    """Every parameter of a distillation run (the names of the original tool's flags where it had them)."""
+    """Every parameter of a distillation run (the names of the original tool's flags where it had them).
+
+    Parameters:
+        teacher_path: a local Wan Diffusers folder, a hub id (read from the HF cache) or tiny, tiny-ti2v-5b,
+            tiny-2.1, toy.
+        teacher_device_strategy: where the teacher runs: auto, cpu, cuda (cuda:LOCAL_RANK), gpu0 (one copy for
+            all ranks) or balanced (spread over the GPUs).
+        teacher_dtype: the teacher's weights: float32, float16 or bfloat16.
+        teacher_on_cpu: the same as teacher_device_strategy=cpu.
+        guidance_scale: CFG scale of the (high-noise) expert; none: Wan 2.2's (A14B 4.0, TI2V-5B and 2.1 5.0);
+            <= 1 turns CFG off.
+        guidance_scale_2: CFG scale of A14B's low-noise expert; none: 3.0, or guidance_scale when that is given.
+        student_config: the student's JSON file (keys in config/README.md) or a dict of its keys.
+        student_init: projection (from the teacher's weights), random, or the folder of a saved student.
+        projection_layers: the teacher blocks the student keeps: uniform, first_last, importance or a list of
+            block indices.
+        projection_width: how width is cut: importance (whole heads, neurons, channels), truncate or svd.
+        projection_expert: the expert the student is projected from: high_noise, low_noise or mean (of A14B's two).
+        data_path: the prompts file: UTF-8, one prompt per line, # starts a comment.
+        output_dir: the run's folder: checkpoints, student, student_ema, pipeline, samples, metrics.jsonl.
+        latent_source: the training points: trajectory (the teacher's sampler), noise, renoise or images.
+        images_path: the folder of images for latent_source=images.
+        cache_dir: where the teacher targets are kept; none: output_dir/cache.
+        teacher_targets: cache (computed once, then training without the teacher) or online (the teacher
+            answers every batch; needed by feature_weight).
+        num_inference_steps: sampler steps of each teacher trajectory and of the sample images.
+        samples_per_prompt: training points per prompt for the noise, renoise and images sources.
+        height, width: image size in pixels; none: the student config's image_size.
+        num_epochs: passes over the targets.
+        max_steps: stop after this many optimiser steps; none or <= 0: num_epochs decides.
+        batch_size: targets per optimiser step, over all ranks together (the global batch).
+        gradient_accumulation_steps: micro-batches per optimiser step.
+        lr: AdamW's peak learning rate (after warm-up, then cosine decay).
+        weight_decay: AdamW's weight decay.
+        warmup_steps: optimiser steps of linear learning-rate warm-up.
+        max_grad_norm: gradients are clipped to this norm.
+        ema_decay: decay of the moving average of the student's weights, which is what is exported; 0: no EMA.
+        cfg_distill: learn the teacher's guided velocity (sampling needs one forward a step), not the conditional.
+        timestep_weighting: loss weight per noise level: none, min_snr or cosmap.
+        feature_weight: weight of feature distillation on the blocks' outputs; 0: off (> 0 needs
+            teacher_targets=online).
+        mixed_precision: auto (bf16 on GPUs), no or bf16.
+        gradient_checkpointing: recompute the blocks' activations in the backward pass, to save memory.
+        distributed: fail unless started by torchrun (which alone turns data parallelism on).
+        num_workers: DataLoader worker processes.
+        seed: seeds the teacher's noise, the data order, a random student and training.
+        checkpoint_interval: optimiser steps between checkpoints.
+        keep_checkpoints: how many of the newest checkpoints are kept.
+        resume: continue the run in output_dir from its last checkpoint.
+        overwrite: replace a finished or stopped run in output_dir (its target cache is kept).
+        save_samples: write the student's (and once the teacher's) images of the sample prompts.
+        sample_prompts: the prompts of the sample images; none: the first two training prompts.
+        sample_interval: epochs between sample images.
+        sample_dir: where sample images go; none: output_dir/samples.
+        sample_steps: sampler steps of the sample images; none: num_inference_steps.
+        progress: show progress bars (rank 0 only).
+        callbacks: `Callback` objects told of every step, checkpoint, sample and the end (not a CLI flag).
+    """
 
     # teacher
     teacher_path: str = "tiny"
@@ -47,20 +105,20 @@ class DistillConfig:
     guidance_scale_2: float | None = None
     # student
     student_config: str | dict = DEFAULT_STUDENT_CONFIG
-    student_init: str = "projection"  # "projection", "random", or the path of a saved student
+    student_init: str = "projection"
     projection_layers: str | list = "uniform"
     projection_width: str = "importance"
     projection_expert: str = "low_noise"
     # data and teacher targets
     data_path: str = str(DEFAULT_PROMPTS_PATH)
     output_dir: str = "outputs/distill"
-    latent_source: str = "trajectory"  # trajectory | noise | renoise | images
+    latent_source: str = "trajectory"
     images_path: str | None = None
-    cache_dir: str | None = None  # default: output_dir/cache
-    teacher_targets: str = "cache"  # cache: precomputed, teacher-free training; online: queried per batch
+    cache_dir: str | None = None
+    teacher_targets: str = "cache"
     num_inference_steps: int = 8
     samples_per_prompt: int = 4
-    height: int | None = None  # default: the student config's image_size
+    height: int | None = None
     width: int | None = None
     # optimisation
     num_epochs: int = 1
@@ -71,28 +129,42 @@ class DistillConfig:
     weight_decay: float = 0.0
     warmup_steps: int = 10
     max_grad_norm: float = 1.0
-    ema_decay: float = 0.999  # 0 disables the EMA
+    ema_decay: float = 0.999
     cfg_distill: bool = True
     timestep_weighting: str = "none"
     feature_weight: float = 0.0
-    mixed_precision: str = "auto"  # auto (bf16 on GPU) | no | bf16
+    mixed_precision: str = "auto"
     gradient_checkpointing: bool = False
-    distributed: bool = False  # torchrun sets RANK; this only makes its absence an error
+    distributed: bool = False
     num_workers: int = 0
     seed: int = 0
     # checkpoints
     checkpoint_interval: int = 50
     keep_checkpoints: int = 3
-    resume: bool = False  # continue the run in output_dir from its last checkpoint
-    overwrite: bool = False  # replace a finished or stopped run in output_dir (its target cache is kept)
+    resume: bool = False
+    overwrite: bool = False
     # samples
     save_samples: bool = True
-    sample_prompts: list | None = None  # default: the first two training prompts
-    sample_interval: int = 1  # epochs
-    sample_dir: str | None = None  # default: output_dir/samples
-    sample_steps: int | None = None  # default: num_inference_steps
+    sample_prompts: list | None = None
+    sample_interval: int = 1
+    sample_dir: str | None = None
+    sample_steps: int | None = None
     progress: bool = True
     callbacks: list[Callback] = field(default_factory=list, repr=False)
+
+    @classmethod
+    def docs(cls) -> dict[str, str]:
+        """Each field's description from the Parameters section above, on one line (the CLI's help)."""
+        docs, names = {}, []
+        for line in inspect.cleandoc(cls.__doc__).split("Parameters:", 1)[1].splitlines():
+            if line.startswith("        "):  # a description continued
+                for name in names:
+                    docs[name] += " " + line.strip()
+            elif line.strip():
+                head, text = line.strip().split(": ", 1)
+                names = head.split(", ")
+                docs.update(dict.fromkeys(names, text))
+        return docs
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k != "callbacks"}
