@@ -69,7 +69,7 @@ def test_trajectory_records_are_teacher_velocities_one_expert_at_a_time(lazy_tea
         assert records["guidance"][i] == expected_g
 
     # and the trajectory is the one WanPipeline itself samples from the same noise
-    teacher.experts  # both resident for the reference pipeline call
+    teacher.load_all_experts()  # both resident for the reference pipeline call
     reference = teacher.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, num_frames=1,
                              height=64, width=64, num_inference_steps=6, guidance_scale=teacher.guidance_scale,
                              guidance_scale_2=teacher.guidance_scale_2, output_type="latent").frames
@@ -101,7 +101,7 @@ def test_trajectories_without_cfg_are_the_pipelines(lazy_teacher):
     records, final = record_trajectories(teacher, embeds, negative, noise, TargetSpec(num_inference_steps=4),
                                          progress=False)
     assert torch.equal(records["v_uncond"], records["v_cond"]) and (records["guidance"] == 1).all()
-    teacher.experts  # both resident for the reference pipeline call
+    teacher.load_all_experts()  # both resident for the reference pipeline call
     reference = teacher.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, num_frames=1,
                              height=64, width=64, num_inference_steps=4, guidance_scale=0.5, guidance_scale_2=0.5,
                              output_type="latent").frames

@@ -35,7 +35,7 @@ def test_forward_flops_of_an_exact_student_equal_the_teachers(tiny_teacher):
     full = {"hidden_size": config["num_attention_heads"] * config["attention_head_dim"],
             "depth": config["num_layers"], "num_heads": config["num_attention_heads"], "ffn_dim": config["ffn_dim"]}
     student, _ = project(tiny_teacher, full, width="truncate", expert="high_noise")
-    teacher_flops = forward_flops(tiny_teacher.experts["transformer"], (8, 8))  # given one frame
+    teacher_flops = forward_flops(tiny_teacher.load_expert("transformer"), (8, 8))  # given one frame
     assert forward_flops(student, (8, 8)) == teacher_flops
     assert forward_flops(student, (16, 16)) > teacher_flops
 
@@ -46,7 +46,7 @@ def test_speed_and_size_table(tiny_teacher, cfg_distilled, student_forwards):
     pipe = WanLitePipeline.from_teacher(tiny_teacher, student, cfg_distilled=cfg_distilled)
     table = compare_speed_and_size(tiny_teacher, pipe, height=64, width=64, num_inference_steps=2, repeats=1)
     teacher_row, student_row, gain = table.to_records()
-    assert teacher_row["params"] == num_params(tiny_teacher.experts["transformer"])
+    assert teacher_row["params"] == num_params(tiny_teacher.load_expert("transformer"))
     assert student_row["params"] == num_params(student)
     # CFG: two forwards per step; a CFG-distilled student needs one, any other samples with the teacher's guidance
     assert (teacher_row["forwards/image"], student_row["forwards/image"]) == (4, student_forwards)
@@ -54,3 +54,28 @@ def test_speed_and_size_table(tiny_teacher, cfg_distilled, student_forwards):
     assert gain["FLOPs/image"] == f"{teacher_row['FLOPs/image'] / student_row['FLOPs/image']:.1f}x"
     assert all(row["images/s"] > 0 for row in (teacher_row, student_row))
     print(table)
+
+
+def test_evaluation_holds_one_teacher_expert_at_a_time(monkeypatch):
+    from wandistiller.evaluate import teacher_and_student_images
+    from wandistiller.teacher import load_teacher
+
+    teacher = load_teacher("tiny", device_strategy="cpu", load_experts=False)  # A14B-style: two experts
+    assert not hasattr(teacher, "experts")  # loading every expert at once is explicit: load_all_experts()
+    resident = []
+    load = teacher.load_expert
+
+    def load_and_count(name):
+        module = load(name)
+        resident.append(len(teacher.resident_experts()))
+        return module
+
+    monkeypatch.setattr(teacher, "load_expert", load_and_count)
+    student = WanLiteTransformer2DModel.from_student_config(SMALL, teacher.transformer_config(), seed=0)
+    pipe = WanLitePipeline.from_teacher(teacher, student)
+    pipe.set_progress_bar_config(disable=True)
+    images = teacher_and_student_images(teacher, pipe, ["a red circle", "a blue square"], height=64, width=64,
+                                        num_inference_steps=2)
+    assert [len(images[k]) for k in ("teacher", "student")] == [2, 2]
+    compare_speed_and_size(teacher, pipe, height=64, width=64, num_inference_steps=2, repeats=1)
+    assert resident and max(resident) == 1

@@ -22,7 +22,7 @@ def full_size(teacher) -> dict:
 
 def test_a_full_size_projection_is_its_teacher_expert_bit_for_bit(tiny_teacher):
     student, _ = project(tiny_teacher, full_size(tiny_teacher), width="truncate", expert="high_noise")
-    expert = tiny_teacher.experts["transformer"]
+    expert = tiny_teacher.load_expert("transformer")
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(2, 16, 1, 8, 8, generator=generator)
     text = torch.randn(2, 512, 32, generator=generator)
@@ -46,7 +46,7 @@ def test_renoised_inputs_lie_between_noise_and_the_teachers_own_sample():
     x0 = sample[:, :, 0].expand(2, -1, -1, -1)
     torch.testing.assert_close(inputs["latents"], add_noise(x0, eps, inputs["timesteps"]), rtol=0, atol=0)
     # the sample is the pipeline's own image latent for that noise (tolerance: another batching of the same sums)
-    teacher.experts  # noqa: B018 - both experts resident for the pipeline call
+    teacher.load_all_experts()  # both resident for the pipeline call
     reference = teacher.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, num_frames=1,
                              height=64, width=64, num_inference_steps=3, guidance_scale=teacher.guidance_scale,
                              guidance_scale_2=teacher.guidance_scale_2, output_type="latent").frames

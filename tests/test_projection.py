@@ -116,7 +116,7 @@ def test_temporal_patch_kernel_is_summed_exactly_for_a_static_image():
 
 
 def test_depth_only_projection_equals_teacher_with_blocks_skipped(a14b):
-    expert = a14b.experts[a14b.expert_for_role("low_noise")]
+    expert = a14b.load_expert(a14b.expert_for_role("low_noise"))
     latents, t, text = latents_and_text(a14b, [200.0, 700.0], seed=1)
     for layers in ([0, 2], "first_last", "uniform", [3]):
         config = {**full_size(a14b), "depth": 2 if layers != [3] else 1}
@@ -132,7 +132,7 @@ def test_depth_only_projection_equals_teacher_with_blocks_skipped(a14b):
 
 def test_expert_mean_averages_the_two_experts(a14b):
     student, report = project(a14b, full_size(a14b), expert="mean")
-    high, low = (a14b.experts[n] for n in ("transformer", "transformer_2"))
+    high, low = (a14b.load_expert(n) for n in ("transformer", "transformer_2"))
     name = "blocks.1.ffn.net.0.proj.weight"
     expected = (high.get_parameter(name) + low.get_parameter(name)) / 2
     assert torch.allclose(student.get_parameter(name), expected, atol=1e-7)
@@ -198,7 +198,7 @@ def test_calibration_can_be_given_explicitly(a14b):
     calibration = make_calibration(a14b, ["a red car", "a blue house"], num_samples=2, latent_size=8, seed=1)
     assert calibration.latents.shape == (2, 16, 1, 8, 8) and (calibration.timesteps < 875).all()
     explicit = Calibration(calibration.latents[:, :, 0], calibration.timesteps, calibration.prompt_embeds)
-    expert = a14b.experts["transformer_2"]
+    expert = a14b.load_expert("transformer_2")
     first, second = measure_importance(expert, calibration), measure_importance(expert, explicit)
     torch.testing.assert_close(first.channels, second.channels)
     high = make_calibration(a14b, expert="high_noise", num_samples=3)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .flow import MAX_SEQUENCE_LENGTH
+from .flow import MAX_SEQUENCE_LENGTH, guided_velocity
 from .viz import Table
 
 
@@ -82,55 +82,81 @@ def _noise(teacher, batch_size: int, height: int, width: int, seed: int) -> torc
 @torch.no_grad()
 def teacher_and_student_images(teacher, student_pipe, prompts: list[str], *, height: int, width: int,
                                num_inference_steps: int, seed: int = 0) -> dict:
-    """{"teacher": [...], "student": [...]} PIL images for `prompts`, both from the same initial noise."""
+    """{"teacher": [...], "student": [...]} PIL images for `prompts`, both from the same initial noise.
+
+    The teacher samples with its pipeline's scheduler and guidance one expert at a time (all high-noise steps,
+    then all low-noise steps: `data.record_trajectories`), so one A14B expert is resident, not two; its latents
+    are WanPipeline's up to float rounding. Both are decoded by the student pipeline's VAE (the teacher's, or
+    its exact 2D form).
+    """
+    from .data import TargetSpec, record_trajectories
+
     noise = _noise(teacher, len(prompts), height, width, seed)
-    teacher.experts  # noqa: B018 - WanPipeline switches experts mid-sampling: both must be resident
     embeds, negative = teacher.encode_prompts(prompts, negative="")
-    teacher_images = teacher.pipe(
-        prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, height=height, width=width, num_frames=1,
-        num_inference_steps=num_inference_steps, guidance_scale=teacher.guidance_scale,
-        guidance_scale_2=teacher.guidance_scale_2, output_type="pil").frames
+    _, final = record_trajectories(teacher, embeds, negative, noise,
+                                   TargetSpec(num_inference_steps=num_inference_steps), progress=False)
     student_images = student_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise[:, :, 0],
                                   num_inference_steps=num_inference_steps, output_type="pil").images
-    return {"teacher": [clip[0] for clip in teacher_images], "student": student_images}
+    return {"teacher": student_pipe.decode_latents(final[:, :, 0]), "student": student_images}
+
+
+def _one_expert_sampler(teacher, name: str, embeds, negative, noise, num_inference_steps: int):
+    """`sample()`: the teacher's sampler (its scheduler and guidance) with expert `name` at every step, from
+    prompt embeddings to latents. It costs what WanPipeline's image costs (A14B's two experts have the same
+    size) with one expert resident."""
+    import copy
+
+    scheduler = copy.deepcopy(teacher.pipe.scheduler)
+    negative = negative if teacher.uses_cfg else None
+
+    def sample():
+        scheduler.set_timesteps(num_inference_steps)
+        scheduler.set_begin_index(0)
+        latents = noise
+        for t in scheduler.timesteps:
+            out = teacher.expert_velocities(name, latents, t, embeds, negative)
+            velocity = guided_velocity(out.v_cond, out.v_uncond, teacher.guidance_for_expert(name))
+            latents = scheduler.step(velocity, t, latents, return_dict=False)[0]
+        return latents
+
+    return sample
 
 
 def compare_speed_and_size(teacher, student_pipe, *, height: int, width: int, num_inference_steps: int,
                            repeats: int = 3) -> Table:
     """Parameters, forward FLOPs, forwards and FLOPs per image, and measured images/s (teacher vs student).
 
-    The teacher's parameters are one expert's (one is active per step); its images use CFG (two forwards per
-    step), the student's its pipeline's default (one forward per step when CFG-distilled). Both generate from
-    prompt embeddings to latents, so the shared text encoder and VAE do not blur the comparison.
+    The teacher is timed with one expert resident, running every step (A14B's two experts cost the same per
+    step), and counted by that expert's parameters (one is active per step); its images use its guidance (two
+    forwards per step with CFG), the student's its pipeline's default (one forward per step when
+    CFG-distilled). Both generate from prompt embeddings to latents, so the shared text encoder and VAE do not
+    blur the comparison.
     """
     noise = _noise(teacher, 1, height, width, seed=0)
     latent_hw = tuple(noise.shape[-2:])
     embeds, negative = teacher.encode_prompts(["a red fox sitting in fresh snow"], negative="")
-    expert = teacher.experts["transformer"]  # WanPipeline switches experts mid-sampling: all must be resident
     student = student_pipe.transformer
-    teacher.pipe.set_progress_bar_config(disable=True)
     student_pipe.set_progress_bar_config(disable=True)
-
-    def teacher_sample():
-        teacher.pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, height=height, width=width,
-                     num_frames=1, num_inference_steps=num_inference_steps, guidance_scale=teacher.guidance_scale,
-                     guidance_scale_2=teacher.guidance_scale_2, output_type="latent")
 
     def student_sample():
         student_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise[:, :, 0],
                      num_inference_steps=num_inference_steps, output_type="latent")
 
     rows = []
+    teacher_forwards = num_inference_steps * (2 if teacher.uses_cfg else 1)
     student_forwards = num_inference_steps * (2 if student_pipe.default_guidance_scale() > 1 else 1)
-    for name, model, forwards, sample in (("teacher", expert, 2 * num_inference_steps, teacher_sample),
-                                          ("student", student, student_forwards, student_sample)):
-        flops = forward_flops(model, latent_hw, device=next(model.parameters()).device)
-        rows.append((name, num_params(model), flops, forwards, flops * forwards,
-                     images_per_second(sample, 1, repeats)))
+    name = teacher.expert_names[0]
+    with teacher.only_expert(name) as expert:
+        teacher_sample = _one_expert_sampler(teacher, name, embeds, negative, noise, num_inference_steps)
+        for label, model, forwards, sample in (("teacher", expert, teacher_forwards, teacher_sample),
+                                               ("student", student, student_forwards, student_sample)):
+            flops = forward_flops(model, latent_hw, device=next(model.parameters()).device)
+            rows.append((label, num_params(model), flops, forwards, flops * forwards,
+                         images_per_second(sample, 1, repeats)))
     (_, tp, tf, _, ti, ts), (_, sp, sf, _, si, ss) = rows
     rows.append(("student gain", f"{tp / sp:.1f}x", f"{tf / sf:.1f}x", "", f"{ti / si:.1f}x", f"{ss / ts:.2f}x"))
     return Table(("model", "params", "forward FLOPs", "forwards/image", "FLOPs/image", "images/s"), rows,
-                 f"{height}x{width}, {num_inference_steps} steps; teacher = one expert, with CFG; "
+                 f"{height}x{width}, {num_inference_steps} steps; teacher = one expert, with its guidance; "
                  "student gain = teacher/student for size and FLOPs, student/teacher for images/s")
 
 

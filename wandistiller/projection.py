@@ -511,8 +511,7 @@ def _experts(teacher, expert: str) -> tuple[list[nn.Module], list[str]]:
         return [teacher], ["transformer"]
     roles = ("high_noise", "low_noise") if expert == "mean" else (expert,)
     names = list(dict.fromkeys(teacher.expert_for_role(r) for r in roles))
-    load = getattr(teacher, "load_expert", None) or teacher.experts.__getitem__
-    return [load(n) for n in names], names
+    return [teacher.load_expert(n) for n in names], names
 
 
 def _source_tensor(states: list[dict], name: str) -> torch.Tensor:

@@ -339,9 +339,9 @@ class Teacher:
     def expert_names(self) -> list[str]:
         return ["transformer", "transformer_2"] if self.variant == "a14b" else ["transformer"]
 
-    @property
-    def experts(self) -> dict:
-        """All experts, loading any that are not resident."""
+    def load_all_experts(self) -> dict:
+        """Every expert, resident together, by name: what WanPipeline itself needs to sample (it switches experts
+        mid-trajectory). For A14B in bf16 that is two 14B experts, about 57 GB; `only_expert` keeps one."""
         return {name: self.load_expert(name) for name in self.expert_names}
 
     def resident_experts(self) -> list[str]:
