@@ -162,6 +162,17 @@ def test_unknown_and_inconsistent_keys_are_errors(tmp_path):
     assert load_student_config(path) == StudentConfig(hidden_size=64, depth=3, num_heads=4)
 
 
+def test_text_max_length_must_be_the_teachers_text_length():
+    # The student sees WanPipeline's embeddings, padded to MAX_SEQUENCE_LENGTH: another length is not silently ignored.
+    from wandistiller.flow import MAX_SEQUENCE_LENGTH
+
+    assert load_student_config({"text_max_length": MAX_SEQUENCE_LENGTH}).text_max_length == MAX_SEQUENCE_LENGTH
+    with pytest.raises(ValueError, match=rf"^student config text_max_length=77 contradicts the teacher: .* pads every "
+                                         rf"prompt to {MAX_SEQUENCE_LENGTH} tokens; set text_max_length to "
+                                         rf"{MAX_SEQUENCE_LENGTH} or leave it out$"):
+        load_student_config({"text_max_length": 77})
+
+
 def test_standalone_student_without_teacher_uses_wan_defaults():
     kwargs = student_model_config({"hidden_size": 256, "depth": 1, "num_heads": 2})
     assert kwargs["in_channels"] == 16 and kwargs["text_dim"] == 4096 and kwargs["patch_size"] == (2, 2)

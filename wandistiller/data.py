@@ -45,7 +45,6 @@ def read_prompts(path: str | Path = DEFAULT_PROMPTS_PATH) -> list[str]:
 # once and kept on disk (`wandistiller.cache`), and training can run from them without the teacher.
 
 LATENT_SOURCES = ("trajectory", "noise", "renoise", "images")
-TARGET_KEYS = ("latents", "timesteps", "prompt_index", "v_cond", "v_uncond", "guidance")
 
 
 @dataclass

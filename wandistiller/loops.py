@@ -581,12 +581,8 @@ def _build_student(cfg: DistillConfig, student_cfg: StudentConfig, teacher: _Laz
                    rank: int, calibration_prompts: list[str]):
     if cfg.student_init == "random":
         return WanLiteTransformer2DModel.from_student_config(student_cfg, teacher_config, seed=cfg.seed), None
-    if cfg.student_init != "projection":
-        path = Path(cfg.student_init)
-        if not (path / "config.json").is_file():
-            raise FileNotFoundError(f"student_init={cfg.student_init!r} is neither 'projection', 'random' nor a saved "
-                                    "student directory (with config.json)")
-        return WanLiteTransformer2DModel.from_pretrained(path), None
+    if cfg.student_init != "projection":  # a saved student (checked by _validate)
+        return WanLiteTransformer2DModel.from_pretrained(Path(cfg.student_init)), None
     if rank != 0:
         # Same architecture; DDP broadcasts rank 0's projected weights when it wraps the model.
         return WanLiteTransformer2DModel.from_student_config(student_cfg, teacher_config, seed=cfg.seed), None

@@ -90,11 +90,6 @@ def sample_timesteps(
     return timesteps.clamp(min=low, max=below_high.item()).to(device)
 
 
-def velocity_target(x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """The velocity a flow-matching transformer predicts for ``add_noise(x0, noise, t)``: ``noise - x0``."""
-    return noise - x0
-
-
 # --- targets and losses -----------------------------------------------------------------------------------
 
 

@@ -311,7 +311,8 @@ class StudentConfig:
 
     Size keys: `hidden_size`, `depth`, `num_heads`, `ffn_dim`. Keys that must match the teacher
     (`num_channels`, `patch_size`, `text_encoder_output_dim`) may be left out (None): they are then taken
-    from the teacher. `image_size` (pixels) and `text_max_length` are for pipelines and data, not weights.
+    from the teacher. `image_size` (pixels) is for pipelines and data, not weights. `text_max_length` must be
+    `flow.MAX_SEQUENCE_LENGTH` (512): the student sees the prompt embeddings WanPipeline pads to that length.
     """
 
     hidden_size: int = 1536
@@ -354,6 +355,11 @@ def load_student_config(config: StudentConfig | dict | str | Path) -> StudentCon
         if name in values and not (name == "ffn_dim" and value is None) and (
                 isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ValueError(f"student config {name}={value!r} must be a positive whole number")
+    text_length = values.get("text_max_length", MAX_SEQUENCE_LENGTH)
+    if text_length != MAX_SEQUENCE_LENGTH:
+        raise ValueError(f"student config text_max_length={text_length!r} contradicts the teacher: WanPipeline pads "
+                         f"every prompt to {MAX_SEQUENCE_LENGTH} tokens; set text_max_length to {MAX_SEQUENCE_LENGTH} "
+                         "or leave it out")
     hidden_size = values.get("hidden_size", StudentConfig.hidden_size)
     num_heads = values.get("num_heads", StudentConfig.num_heads)
     if hidden_size % num_heads:
