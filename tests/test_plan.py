@@ -49,5 +49,36 @@ def test_plan_matches_a_real_recording(tmp_path):
 def test_plan_refuses_sizes_the_teacher_cannot_take(tmp_path):
     with pytest.raises(ValueError, match="multiples of 16"):
         make_plan("tiny", height=72, width=64)
+    with pytest.raises(ValueError, match="use at most 512 pixels a side"):
+        make_plan("tiny", height=1024, width=64)
     with pytest.raises(ValueError, match="tflops=0 must be positive"):
         make_plan("tiny", tflops=0)
+
+
+def test_full_size_a14b_plan_from_configs_only(tmp_path, capsys):
+    """A folder with only the JSON files of Wan2.2-T2V-A14B (no weights): the plan counts on the meta device."""
+    import json
+    import shutil
+
+    from wandistiller.analysis import FULL_SIZE_EXPERTS
+    from wandistiller.cli import main
+    from wandistiller.teacher import locate_teacher
+
+    source, folder = locate_teacher("tiny"), tmp_path / "a14b-configs"
+    for file in source.rglob("*.json"):
+        (folder / file.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(file, folder / file.relative_to(source))
+    for name in ("transformer", "transformer_2"):
+        config = {**json.loads((folder / name / "config.json").read_text()), **FULL_SIZE_EXPERTS["a14b"]}
+        (folder / name / "config.json").write_text(json.dumps({**config, "patch_size": [1, 2, 2]}))
+    assert not list(folder.rglob("*.safetensors"))
+    plan = make_plan(str(folder), height=512, width=512, num_inference_steps=40, tflops=100)
+    # one full-size expert forward at 512² (4096 latent pixels / 1024 tokens) is tens of TFLOP, both experts alike
+    assert 10 < plan.forward_tflop["transformer"] == plan.forward_tflop["transformer_2"] < 100
+    assert plan.guidance == {"transformer": 4.0, "transformer_2": 3.0}  # Wan 2.2 A14B's defaults
+    assert plan.teacher_forwards == plan.trajectories * 40 * 2
+    assert plan.gpu_hours == pytest.approx(plan.teacher_forwards * plan.forward_tflop["transformer"] / 100 / 3600)
+    assert main(["plan", "--height", "64", "--width", "64", "--num_inference_steps", "4"]) == 0
+    assert "GPU-hours" in capsys.readouterr().out
+    assert main(["plan", "--teacher_path", str(folder), "--height", "500"]) == 2
+    assert "multiples of 16" in capsys.readouterr().err

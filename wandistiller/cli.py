@@ -196,6 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_teacher_commands(sub)
     _add_run_commands(sub)
     _add_generate_command(sub)
+    _add_plan_command(sub)
     return parser
 
 
@@ -266,6 +267,36 @@ def _add_generate_command(sub) -> None:
     p.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=_generate)
+
+
+def _add_plan_command(sub) -> None:
+    from .plan import H200_TFLOPS
+
+    p = sub.add_parser("plan", help="what recording a teacher's targets will cost, before any weight is loaded",
+                       description="Teacher forwards, TFLOP, target-cache bytes and GPU-hours of recording trajectory "
+                                   "targets, read from the teacher's config files (meta device, no weights).")
+    p.add_argument("--teacher_path", default="tiny", help="teacher directory or hub id (default: tiny)")
+    p.add_argument("--data_path", help="prompts file (default: the packaged prompts)")
+    p.add_argument("--height", type=int, default=512, help="pixels (default: 512)")
+    p.add_argument("--width", type=int, default=512, help="pixels (default: 512)")
+    p.add_argument("--num_inference_steps", type=int, default=40, help="teacher sampler steps (default: 40)")
+    p.add_argument("--trajectories_per_prompt", type=int, default=1, help="trajectories per prompt (default: 1)")
+    p.add_argument("--guidance_scale", type=float, help="CFG scale (default: the teacher's, as WanPipeline)")
+    p.add_argument("--guidance_scale_2", type=float, help="the low-noise expert's CFG scale (A14B)")
+    p.add_argument("--tflops", type=float, default=H200_TFLOPS,
+                   help=f"sustained TFLOP/s of one GPU (default: {H200_TFLOPS:g}, an A14B expert forward measured on "
+                        "an H200 in bf16)")
+    p.set_defaults(func=_plan)
+
+
+def _plan(args) -> int:
+    from .plan import make_plan
+
+    plan = make_plan(args.teacher_path, args.data_path, height=args.height, width=args.width,
+                     num_inference_steps=args.num_inference_steps, trajectories_per_prompt=args.trajectories_per_prompt,
+                     guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, tflops=args.tflops)
+    print(plan.table())
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,6 +8,8 @@ prints it.
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,11 +71,11 @@ class Plan:
         for name, steps in self.steps_per_expert.items():
             cfg = "CFG, 2 forwards/step" if self.guidance[name] > 1 else "no CFG"
             rows.append((f"  {name}", f"{steps} steps, guidance {self.guidance[name]:g} ({cfg}), "
-                                      f"{self.forward_tflop[name]:.2f} TFLOP per forward"))
+                                      f"{self.forward_tflop[name]:.3g} TFLOP per forward"))
         rows += [("teacher forwards", f"{self.teacher_forwards:,}"),
-                 ("teacher compute", f"{self.total_tflop / 1e3:,.1f} PFLOP"),
+                 ("teacher compute", f"{self.total_tflop / 1e3:,.4g} PFLOP"),
                  ("target cache", f"{_size(self.cache_bytes)} ({_size(self.bytes_per_prompt)} per prompt)"),
-                 ("GPU-hours", f"{self.gpu_hours:,.1f} at {self.tflops:g} TFLOP/s per GPU")]
+                 ("GPU-hours", f"{self.gpu_hours:,.3g} at {self.tflops:g} TFLOP/s per GPU")]
         return Table(["", "plan"], rows, title="Recording cost (configs only, no weights loaded)")
 
 
@@ -104,12 +106,18 @@ def steps_per_expert(info, num_inference_steps: int) -> dict[str, int]:
 
 def expert_forward_tflop(info, name: str, latent_hw: tuple[int, int]) -> float:
     """TFLOP of one forward of expert `name` (batch 1, one frame, 512 text tokens), counted on the meta device."""
+    return _forward_tflop(json.dumps(info.transformer_config(name), sort_keys=True), latent_hw)
+
+
+@functools.lru_cache(maxsize=8)
+def _forward_tflop(config_json: str, latent_hw: tuple[int, int]) -> float:
+    """Counted once per distinct config (A14B's two experts share one)."""
     from diffusers import WanTransformer3DModel
 
     from .evaluate import forward_flops
 
     with torch.device("meta"):
-        model = WanTransformer3DModel.from_config(info.transformer_config(name))
+        model = WanTransformer3DModel.from_config(json.loads(config_json))
     return forward_flops(model, latent_hw, device="meta") / 1e12
 
 
@@ -147,6 +155,10 @@ def make_plan(teacher_path: str = "tiny", data_path: str | Path | None = None, *
         raise ValueError(f"height and width must be multiples of {factor * patch} for this teacher "
                          f"(VAE factor {factor} × patch {patch}); got {height}×{width}")
     latent_hw = (height // factor, width // factor)
+    rope = config.get("rope_max_seq_len", 1024)
+    if max(latent_hw) // patch > rope:
+        raise ValueError(f"{height}×{width} is beyond this teacher's positions (RoPE covers {rope} patches per axis): "
+                         f"use at most {rope * patch * factor} pixels a side")
     prompts = read_prompts(data_path or DEFAULT_PROMPTS_PATH)
     steps = steps_per_expert(info, num_inference_steps)
     guidance = {"transformer": info.guidance_scale, "transformer_2": info.guidance_scale_2 or info.guidance_scale}
