@@ -106,3 +106,23 @@ def test_trajectories_without_cfg_are_the_pipelines(lazy_teacher):
                              height=64, width=64, num_inference_steps=4, guidance_scale=0.5, guidance_scale_2=0.5,
                              output_type="latent").frames
     torch.testing.assert_close(final, reference, rtol=0, atol=0)
+
+
+def test_several_trajectories_per_prompt(lazy_teacher):
+    embeds, negative = lazy_teacher.encode_prompts(PROMPTS, negative="")
+    one = compute_targets(lazy_teacher, TargetSpec(num_inference_steps=4), [0, 2], embeds, negative[:1], progress=False)
+    two = compute_targets(lazy_teacher, TargetSpec(num_inference_steps=4, trajectories_per_prompt=2), [0, 2], embeds,
+                          negative[:1], progress=False)
+    assert len(two["timesteps"]) == 2 * 2 * 4 and sorted(two["prompt_index"].tolist()) == [0] * 8 + [2] * 8
+    # each prompt's first trajectory is the one a single trajectory per prompt records (its noise sample 0)
+    for p in (0, 2):
+        starts = two["latents"][(two["prompt_index"] == p) & (two["timesteps"] == two["timesteps"].max())]
+        first = one["latents"][(one["prompt_index"] == p) & (one["timesteps"] == one["timesteps"].max())]
+        assert len(starts) == 2 and torch.equal(starts[0], first[0]) and not torch.equal(starts[0], starts[1])
+    # every record carries its own prompt's velocity
+    for i in (0, 5, 11):
+        x, t, p = two["latents"][i:i + 1, :, None], two["timesteps"][i:i + 1], two["prompt_index"][i:i + 1]
+        torch.testing.assert_close(lazy_teacher.velocity(x, t, embeds[p])[:, :, 0], two["v_cond"][i:i + 1],
+                                   rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match="applies to latent_source='trajectory' only"):
+        TargetSpec(latent_source="noise", trajectories_per_prompt=2)

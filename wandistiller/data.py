@@ -56,6 +56,7 @@ class TargetSpec:
     width: int = 64
     num_inference_steps: int = 8
     samples_per_prompt: int = 4
+    trajectories_per_prompt: int = 1
     seed: int = 0
     images_path: str | None = None
     shard_prompts: int = 8
@@ -65,6 +66,9 @@ class TargetSpec:
             raise ValueError(f"unknown latent_source {self.latent_source!r}: use one of {', '.join(LATENT_SOURCES)}")
         if self.latent_source == "images" and not self.images_path:
             raise ValueError("latent_source='images' needs images_path=<a folder of images>")
+        if self.trajectories_per_prompt != 1 and self.latent_source != "trajectory":
+            raise ValueError(f"trajectories_per_prompt={self.trajectories_per_prompt} applies to latent_source="
+                             f"'trajectory' only: use samples_per_prompt for {self.latent_source!r}")
 
 
 class TargetSet(torch.utils.data.Dataset):
@@ -174,11 +178,14 @@ def load_images(folder: str | Path, height: int, width: int) -> torch.Tensor:
 def make_inputs(teacher, spec: TargetSpec, prompt_indices: list[int], embeds, negative, *, progress=True) -> dict:
     """The (x_t, t, prompt) points of `spec.latent_source` for the given prompts (no velocities yet),
     except for `trajectory`, whose points come with their velocities since the sampler produces both."""
-    noise = torch.cat([_prompt_noise(teacher, spec, i) for i in prompt_indices])
-    if spec.latent_source == "trajectory":
-        records, _ = record_trajectories(teacher, embeds, negative, noise, spec, progress=progress)
-        records["prompt_index"] = torch.tensor(prompt_indices)[records["prompt_index"]]
+    if spec.latent_source == "trajectory":  # trajectory j of a prompt starts from its noise sample j
+        k = spec.trajectories_per_prompt
+        noise = torch.cat([_prompt_noise(teacher, spec, i, j) for i in prompt_indices for j in range(k)])
+        records, _ = record_trajectories(teacher, embeds.repeat_interleave(k, 0), negative.repeat_interleave(k, 0),
+                                         noise, spec, progress=progress)
+        records["prompt_index"] = torch.tensor(prompt_indices).repeat_interleave(k)[records["prompt_index"]]
         return records
+    noise = torch.cat([_prompt_noise(teacher, spec, i) for i in prompt_indices])
     k = spec.samples_per_prompt
     shift = scheduler_shift(teacher.pipe.scheduler.config)
     timesteps = torch.cat([_random_timesteps(spec, i, k, shift) for i in prompt_indices])

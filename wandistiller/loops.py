@@ -64,6 +64,7 @@ class DistillConfig:
             answers every batch; needed by feature_weight).
         num_inference_steps: sampler steps of each teacher trajectory and of the sample images.
         samples_per_prompt: training points per prompt for the noise, renoise and images sources.
+        trajectories_per_prompt: teacher trajectories per prompt, each from its own noise (latent_source=trajectory).
         height, width: image size in pixels; none: the student config's image_size.
         num_epochs: passes over the targets.
         max_steps: stop after this many optimiser steps; none or <= 0: num_epochs decides.
@@ -118,6 +119,7 @@ class DistillConfig:
     teacher_targets: str = "cache"
     num_inference_steps: int = 8
     samples_per_prompt: int = 4
+    trajectories_per_prompt: int = 1
     height: int | None = None
     width: int | None = None
     # optimisation
@@ -346,7 +348,7 @@ def _resolve_config(config, params) -> DistillConfig:
 
 
 _COUNTS = ("batch_size", "num_epochs", "gradient_accumulation_steps", "num_inference_steps", "samples_per_prompt",
-           "checkpoint_interval", "keep_checkpoints", "sample_interval")
+           "trajectories_per_prompt", "checkpoint_interval", "keep_checkpoints", "sample_interval")
 
 
 
@@ -415,7 +417,7 @@ def _validate(cfg: DistillConfig) -> _RunInputs:
     height, width = _image_size(cfg, student_cfg, sets_size, info.vae_scale_factor, teacher_config)
     spec = TargetSpec(latent_source=cfg.latent_source, height=height, width=width,
                       num_inference_steps=cfg.num_inference_steps, samples_per_prompt=cfg.samples_per_prompt,
-                      seed=cfg.seed, images_path=cfg.images_path)
+                      trajectories_per_prompt=cfg.trajectories_per_prompt, seed=cfg.seed, images_path=cfg.images_path)
     if spec.latent_source == "images" and not Path(spec.images_path).is_dir():
         raise FileNotFoundError(f"images_path {spec.images_path} is not a folder: pass a folder of images")
     fingerprint = info.fingerprint(cfg.teacher_dtype)
