@@ -18,16 +18,20 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.loaders import PeftAdapterMixin
+from diffusers.models.attention import AttentionMixin
+from diffusers.models.cache_utils import CacheMixin
 from diffusers.models.embeddings import get_1d_rotary_pos_embed
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.normalization import FP32LayerNorm
 from diffusers.models.transformers.transformer_wan import WanTimeTextImageEmbedding, WanTransformerBlock
-from diffusers.utils import BaseOutput
+from diffusers.utils import BaseOutput, apply_lora_scale
 
 from . import text_padding
 from .flow import MAX_SEQUENCE_LENGTH
@@ -108,9 +112,17 @@ class WanLiteRotaryPosEmbed2D(nn.Module):
         return grid(ones, cos_h, cos_w), grid(torch.zeros_like(ones), sin_h, sin_w)
 
 
-class WanLiteTransformer2DModel(ModelMixin, ConfigMixin):
+class WanLiteTransformer2DModel(ModelMixin, ConfigMixin, PeftAdapterMixin, CacheMixin, AttentionMixin):
     r"""
     Wan-Lite: Wan's diffusion transformer for single images, with no temporal axis.
+
+    What diffusers' `WanTransformer3DModel` offers its users comes from the same diffusers mixins: attention
+    processors (`attn_processors`, `set_attn_processor`), attention backends (`set_attention_backend`), QKV
+    fusion (`fuse_qkv_projections`), PEFT LoRA adapters (`add_adapter`, `save_lora_adapter`,
+    `load_lora_adapter`; `attention_kwargs={"scale": s}` scales them) and the cache hooks (`enable_cache`,
+    `cache_context`). Cross-attention skips the text's zero padding (`text_padding`) only while every block
+    runs our padded-text processor on a backend that adds float masks; with any other processor or backend
+    it attends over the full text, which is the same attention.
 
     Parameters:
         patch_size (`tuple[int, int]`, defaults to `(2, 2)`):
@@ -198,7 +210,7 @@ class WanLiteTransformer2DModel(ModelMixin, ConfigMixin):
 
         self.gradient_checkpointing = False
         # Cross-attention skips the text's zero padding (same attention, far fewer rows): see text_padding.
-        self._text_attention = text_padding.install(self.blocks)
+        text_padding.install(self.blocks)
 
     @classmethod
     def from_student_config(cls, student_config, teacher_config=None, *, seed: int | None = None):
@@ -245,6 +257,7 @@ class WanLiteTransformer2DModel(ModelMixin, ConfigMixin):
         x = x.permute(0, 5, 1, 3, 2, 4)  # B, C, H/p, p_h, W/p, p_w
         return x.reshape(batch_size, -1, height, width)
 
+    @apply_lora_scale("attention_kwargs")
     def forward(
         self,
         hidden_states: torch.Tensor,
@@ -252,6 +265,7 @@ class WanLiteTransformer2DModel(ModelMixin, ConfigMixin):
         encoder_hidden_states: torch.Tensor,
         return_dict: bool = True,
         output_hidden_states: bool = False,
+        attention_kwargs: dict[str, Any] | None = None,
     ) -> WanLiteTransformerOutput | tuple:
         """
         The [`WanLiteTransformer2DModel`] forward method.
@@ -267,6 +281,8 @@ class WanLiteTransformer2DModel(ModelMixin, ConfigMixin):
                 Return a [`WanLiteTransformerOutput`] instead of a tuple.
             output_hidden_states (`bool`, defaults to `False`):
                 Also return every block's output (for feature distillation).
+            attention_kwargs (`dict`, *optional*):
+                As in diffusers' Wan transformer: `{"scale": s}` scales the LoRA adapters for this call.
 
         Returns:
             [`WanLiteTransformerOutput`], or the tuple `(sample,)` / `(sample, hidden_states)`.
@@ -282,7 +298,8 @@ class WanLiteTransformer2DModel(ModelMixin, ConfigMixin):
 
         rotary_emb = self.rope(hidden_states)
         tokens = self.patch_embedding(hidden_states).flatten(2).transpose(1, 2).contiguous()
-        encoder_hidden_states, self._text_attention.bias = text_padding.compact_text(encoder_hidden_states)
+        text_processors = [block.attn2.processor for block in self.blocks]
+        encoder_hidden_states = text_padding.compact_for(text_processors, encoder_hidden_states)
         temb, timestep_proj, encoder_hidden_states = self._conditioning(timestep, encoder_hidden_states)
 
         block_outputs = []

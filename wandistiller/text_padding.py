@@ -10,19 +10,33 @@ for a 15-token prompt. At 16 image tokens (a 64x64 toy image) the padding is mos
 from __future__ import annotations
 
 import torch
+from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
+from diffusers.models.transformers.transformer_wan import WanAttnProcessor
+
+# Attention backends that add a float mask to the logits. The others reject a mask or silently drop it, so
+# with them the text is not compacted (see `compact_for`).
+ADDITIVE_MASK_BACKENDS = frozenset({AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_MATH,
+                                    AttentionBackendName._NATIVE_EFFICIENT})
 
 
-class PaddedTextAttnProcessor:
-    """Wan's attention processor plus an additive logit bias (B, 1, 1, L) for the compacted text rows."""
+class PaddedTextAttnProcessor(WanAttnProcessor):
+    """Wan's attention processor plus an additive logit bias (B, 1, 1, L) for the compacted text rows.
+
+    A subclass of Wan's processor, so an attention backend set on it (diffusers' `set_attention_backend`)
+    applies as it does to Wan's own.
+    """
 
     def __init__(self):
-        from diffusers.models.transformers.transformer_wan import WanAttnProcessor
-
-        self.inner = WanAttnProcessor()
+        super().__init__()
         self.bias = None
 
     def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, rotary_emb=None):
-        return self.inner(attn, hidden_states, encoder_hidden_states, self.bias, rotary_emb)
+        return super().__call__(attn, hidden_states, encoder_hidden_states, self.bias, rotary_emb)
+
+    def adds_bias(self) -> bool:
+        """Whether this processor's attention backend (its own, else diffusers' active one) adds a float mask."""
+        backend = self._attention_backend or _AttentionBackendRegistry.get_active_backend()[0]
+        return AttentionBackendName(backend) in ADDITIVE_MASK_BACKENDS
 
 
 def install(blocks) -> PaddedTextAttnProcessor:
@@ -51,3 +65,19 @@ def compact_text(states: torch.Tensor, total_length: int | None = None) -> tuple
     bias[:, :keep].masked_fill_(positions[:keep] > lengths[:, None], float("-inf"))
     bias[:, keep] = torch.log((total_length - lengths).to(states.dtype))
     return compact, bias[:, None, None, :]
+
+
+def compact_for(processors, states: torch.Tensor) -> torch.Tensor:
+    """The text to give cross-attention run by `processors`, handing every `PaddedTextAttnProcessor` its bias.
+
+    Compacting is exact only when every processor adds the bias; once a user sets another processor or an
+    attention backend without float masks on any of them, the full text goes through unchanged (bias None).
+    """
+    processors = list({id(p): p for p in processors}.values())
+    padded = [p for p in processors if isinstance(p, PaddedTextAttnProcessor)]
+    bias = None
+    if len(padded) == len(processors) and all(p.adds_bias() for p in padded):
+        states, bias = compact_text(states)
+    for processor in padded:
+        processor.bias = bias
+    return states
