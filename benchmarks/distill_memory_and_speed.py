@@ -22,7 +22,8 @@ from diffusers import AutoencoderKLWan, WanTransformer3DModel
 from transformers import UMT5Config, UMT5EncoderModel
 
 from wandistiller.analysis import FULL_SIZE_EXPERTS
-from wandistiller.data import TargetSpec, build_target_cache, read_prompts
+from wandistiller.cache import build_target_cache
+from wandistiller.data import TargetSpec, read_prompts
 from wandistiller.evaluate import num_params
 from wandistiller.loops import DEFAULT_STUDENT_CONFIG, distill
 from wandistiller.model import WanLiteTransformer2DModel
