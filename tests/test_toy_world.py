@@ -144,7 +144,26 @@ def test_flow_batch_follows_wan_conventions():
     torch.testing.assert_close(x_t, (1 - sigma.view(-1, 1, 1, 1, 1)) * latents + sigma.view(-1, 1, 1, 1, 1) * noise)
 
 
-TINY = dict(vae_steps=3, num_images=64, num_clips=64, shared_steps=4, expert_steps=2, decoder_steps=2, checkpoint_every=3,
+def test_refine_patches_keeps_flat_regions_and_averages_the_head():
+    recipe = tw.ToyWorldRecipe(layers=1)
+    torch.manual_seed(0)
+    coarse = tw.build_transformer(recipe, patch=2)
+    fine = tw.build_transformer(recipe, patch=1)
+    fine.load_state_dict(tw.refine_patches(coarse.state_dict(), 2, 1))
+    flat = torch.randn(1, 16, 1, 1, 1).expand(1, 16, 1, 8, 8)  # every latent pixel the same
+    with torch.no_grad():
+        coarse_tokens, fine_tokens = coarse.patch_embedding(flat), fine.patch_embedding(flat)
+        assert coarse_tokens.shape[-2:] == (4, 4) and fine_tokens.shape[-2:] == (8, 8)
+        torch.testing.assert_close(fine_tokens[..., :4, :4], coarse_tokens, rtol=1e-5, atol=1e-6)
+        token = torch.randn(5, coarse.proj_out.in_features)
+        by_position = coarse.proj_out(token).view(5, 2, 2, 16)  # Wan's (p_h, p_w, C) order
+        torch.testing.assert_close(fine.proj_out(token), by_position.mean((1, 2)), rtol=1e-5, atol=1e-6)
+    weights = coarse.state_dict()
+    refined = tw.refine_patches(weights, 2, 1)
+    assert all(torch.equal(refined[k], weights[k]) for k in weights if "patch_embedding" not in k and "proj_out" not in k)
+
+
+TINY = dict(vae_steps=3, num_images=64, num_clips=64, shared_steps=4, fine_steps=2, expert_steps=2, decoder_steps=2, checkpoint_every=3,
             eval_every=10**6, layers=2, batch_images=8, batch_clips=4, vae_images=2, vae_clips=1)
 
 
@@ -173,7 +192,7 @@ def test_make_toy_world_writes_a_wan_pipeline_and_resumes_bit_for_bit(tmp_path):
     assert not all(torch.equal(trained_vae[k], tuned_vae[k]) for k in trained_vae if ".decoder." in k)
     finished = load_file(work / "shared.safetensors")
     # Interrupted after the step-3 checkpoint of the shared stage: the rerun continues from it.
-    for name in ("shared.safetensors", "high_noise.safetensors", "low_noise.safetensors", "high_noise_state.safetensors",
+    for name in ("shared.safetensors", "fine.safetensors", "high_noise.safetensors", "low_noise.safetensors", "high_noise_state.safetensors",
                  "low_noise_state.safetensors"):
         (work / name).unlink(missing_ok=True)
     assert load_file(work / "shared_state.safetensors")["step"].item() == 3

@@ -4,8 +4,9 @@ Stages, each resumable from `work_dir` (a killed run picks up at its last checkp
 
 1. `vae`: a small `AutoencoderKLWan` on clips and single frames; `latents_mean/std` measured on the data;
 2. `latents`: the training set encoded once (posterior mean, normalised as `WanPipeline` decodes it);
-3. `shared`: one transformer and the UMT5 text encoder trained together with flow matching (a random frozen
-   encoder cannot tell "red shape" from "red background"), caption dropout for classifier-free guidance;
+3. `shared` then `fine`: one transformer and the UMT5 text encoder trained together with flow matching (a random frozen
+   encoder cannot tell "red shape" from "red background"), caption dropout for classifier-free guidance; first
+   at 2x2 patches (16 tokens, many images per step), then refined to one token per latent pixel (`refine_patches`);
 4. `high_noise` / `low_noise`: the shared model fine-tuned on each side of the expert boundary, as Wan 2.2's
    two experts are;
 5. `decoder`: the VAE decoder fine-tuned on slightly noisy latents (the encoder, hence the latents, fixed);
@@ -55,10 +56,14 @@ class ToyWorldRecipe:
     # cached training latents
     num_images: int = 24576
     num_clips: int = 3072
-    # transformer + text encoder
-    shared_steps: int = 7000
-    expert_steps: int = 600
-    batch_images: int = 128  # 1.5x the time of 64 per step on 2 cores: more samples per second
+    # transformer + text encoder: the shared model trains first at `coarse_patch` (few tokens, many images per
+    # step), then `fine_steps` at `patch` with the same tokens per step; the experts train at `patch`
+    shared_steps: int = 12000
+    fine_steps: int = 4000
+    expert_steps: int = 1000
+    coarse_patch: int = 2
+    patch: int = 1  # one token per latent pixel: 2x2 patches of an 8x8 latent leave 16 tokens and blobby shapes
+    batch_images: int = 128  # at coarse_patch; 1.5x the time of 64 per step on 2 cores: more samples per second
     batch_clips: int = 64
     clip_every: int = 4
     lr: float = 6e-4
@@ -113,11 +118,12 @@ def build_vae():
     )
 
 
-def build_transformer(recipe: ToyWorldRecipe):
+def build_transformer(recipe: ToyWorldRecipe, patch: int | None = None):
     from diffusers import WanTransformer3DModel
 
+    patch = patch or recipe.patch
     return WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=recipe.heads, attention_head_dim=recipe.head_dim, in_channels=16,
+        patch_size=(1, patch, patch), num_attention_heads=recipe.heads, attention_head_dim=recipe.head_dim, in_channels=16,
         out_channels=16, text_dim=recipe.text_dim, freq_dim=256, ffn_dim=recipe.ffn_dim, num_layers=recipe.layers,
         cross_attn_norm=True, qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=32,
     )
@@ -365,12 +371,37 @@ def flow_batch(latents: torch.Tensor, sigma_range: tuple[float, float], shift: f
 
 def _sigma_range(stage: str) -> tuple[float, float]:
     """Expert ranges in sigma: the high-noise expert serves t >= 875, the low-noise one t < 875."""
-    return {"shared": (0.0, 1.0), "high_noise": (BOUNDARY_RATIO, 1.0), "low_noise": (0.0, BOUNDARY_RATIO)}[stage]
+    full = (0.0, 1.0)
+    return {"shared": full, "fine": full, "high_noise": (BOUNDARY_RATIO, 1.0), "low_noise": (0.0, BOUNDARY_RATIO)}[stage]
 
 
-def _training_batch(data: dict, step: int, recipe: ToyWorldRecipe, generator) -> tuple[torch.Tensor, torch.Tensor]:
+def refine_patches(weights: dict, coarse: int, fine: int) -> dict:
+    """Transformer weights at patch `coarse` -> patch `fine` (coarse a multiple of fine), the rest unchanged.
+
+    The patch embedding sums the kernel over each group of pixels that becomes one fine patch, so a flat region
+    gives the same token as before; the output head averages its outputs over the same groups.
+    """
+    r = coarse // fine
+    weights = dict(weights)
+    w = weights["patch_embedding.weight"]  # (D, C, 1, coarse, coarse)
+    weights["patch_embedding.weight"] = w.reshape(*w.shape[:3], fine, r, fine, r).sum((4, 6))
+    for name in ("proj_out.weight", "proj_out.bias"):  # rows in Wan's (p_h, p_w, C) order
+        t = weights[name]
+        grouped = t.reshape(fine, r, fine, r, -1, *t.shape[1:]).mean((1, 3))
+        weights[name] = grouped.reshape(-1, *t.shape[1:])
+    return weights
+
+
+def _stage_patch(stage: str, recipe: ToyWorldRecipe) -> int:
+    return recipe.coarse_patch if stage == "shared" else recipe.patch
+
+
+def _training_batch(data: dict, step: int, recipe: ToyWorldRecipe, generator, patch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images (clips every `clip_every`-th step) with caption dropout; as many tokens per step at any patch size."""
+    scale = (patch / recipe.coarse_patch) ** 2
     name, size = ("clips", recipe.batch_clips) if step % recipe.clip_every == recipe.clip_every - 1 \
         else ("images", recipe.batch_images)
+    size = max(1, round(size * scale))
     index = torch.randint(0, data[name].shape[0], (size,), generator=generator)
     ids = data[f"{name}_ids"][index].clone()
     dropped = torch.rand(size, generator=generator) < recipe.caption_dropout
@@ -382,23 +413,24 @@ def _training_batch(data: dict, step: int, recipe: ToyWorldRecipe, generator) ->
 def train_transformer(work: Path, stage: str, data: dict, recipe: ToyWorldRecipe, init: dict | None,
                       vocab_size: int, progress: bool = True, evaluate=None) -> dict:
     """One training stage; returns the EMA weights {'transformer': state_dict, 'text_encoder': state_dict}."""
-    ema = {"transformer": build_transformer(recipe), "text_encoder": build_text_encoder(vocab_size, recipe)}
+    patch = _stage_patch(stage, recipe)
+    ema = {"transformer": build_transformer(recipe, patch), "text_encoder": build_text_encoder(vocab_size, recipe)}
     if _finished(work, stage, ema):
         return {k: m.state_dict() for k, m in ema.items()}
-    live = {"transformer": build_transformer(recipe), "text_encoder": build_text_encoder(vocab_size, recipe)}
+    live = {"transformer": build_transformer(recipe, patch), "text_encoder": build_text_encoder(vocab_size, recipe)}
     for name in live:  # the live model and its EMA start equal (the shared model's weights for an expert)
         if init is not None:
             live[name].load_state_dict(init[name])
         ema[name].load_state_dict(live[name].state_dict())
     transformer, text_encoder = live["transformer"], live["text_encoder"]
-    train_text = stage == "shared"  # the experts share the text encoder, so it is frozen once they split
+    train_text = stage in ("shared", "fine")  # the experts share the text encoder: frozen once they split
     text_encoder.requires_grad_(train_text).train(train_text)
     transformer.train()
     processor = text_padding.install(transformer.blocks)
 
     def step_loss(step):
         _, generator = _step_generators(recipe, stage, step)
-        latents, ids = _training_batch(data, step, recipe, generator)
+        latents, ids = _training_batch(data, step, recipe, generator, patch)
         x_t, timesteps, target = flow_batch(latents, _sigma_range(stage), recipe.flow_shift, generator)
         with torch.set_grad_enabled(train_text):
             text = encode_text(text_encoder, ids, processor)
@@ -415,11 +447,12 @@ def train_transformer(work: Path, stage: str, data: dict, recipe: ToyWorldRecipe
             _log(work, {"stage": stage, "step": step + 1, **evaluate(ema["transformer"], ema["text_encoder"]).as_row()})
 
     trained = [*transformer.parameters(), *(text_encoder.parameters() if train_text else [])]
-    steps, lr = (recipe.shared_steps, recipe.lr) if stage == "shared" else (recipe.expert_steps, recipe.expert_lr)
+    steps, lr = {"shared": (recipe.shared_steps, recipe.lr), "fine": (recipe.fine_steps, recipe.lr)}.get(
+        stage, (recipe.expert_steps, recipe.expert_lr))
     optimizer = torch.optim.AdamW(trained, lr=lr, betas=(0.9, 0.99), weight_decay=recipe.weight_decay)
     modules = {**live, **{f"ema_{name}": module for name, module in ema.items()}}
     _run_stage(work, stage, modules, optimizer, step_loss, steps=steps, floor=0.1, recipe=recipe, progress=progress,
-               warmup=recipe.warmup_steps if stage == "shared" else 50, after_step=after_step)
+               warmup=recipe.warmup_steps if stage in ("shared", "fine") else 50, after_step=after_step)
     _save_state(work / f"{stage}.safetensors", ema)
     return {k: m.state_dict() for k, m in ema.items()}
 
@@ -472,7 +505,11 @@ def make_toy_world(path: str | Path, recipe: ToyWorldRecipe | None = None, *, wo
         pipe = assemble_pipeline(vae, tokenizer, {"high_noise": weights, "low_noise": weights}, recipe)
         return teacher_alignment(pipe, progress=False)
 
-    shared = train_transformer(work, "shared", data, recipe, None, len(tokenizer), progress, evaluate)
+    shared = train_transformer(work, "shared", data, recipe, None, len(tokenizer), progress,
+                               evaluate if recipe.coarse_patch == recipe.patch else None)
+    if recipe.coarse_patch != recipe.patch:
+        shared["transformer"] = refine_patches(shared["transformer"], recipe.coarse_patch, recipe.patch)
+        shared = train_transformer(work, "fine", data, recipe, shared, len(tokenizer), progress, evaluate)
     experts = {stage: train_transformer(work, stage, data, recipe, shared, len(tokenizer), progress)
                for stage in ("high_noise", "low_noise")}
     vae = finetune_decoder(work, vae, recipe, progress)
