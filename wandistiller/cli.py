@@ -276,7 +276,9 @@ def _add_plan_command(sub) -> None:
                        description="Teacher forwards, TFLOP, target-cache bytes and GPU-hours of recording trajectory "
                                    "targets, read from the teacher's config files (meta device, no weights).")
     p.add_argument("--teacher_path", default="tiny", help="teacher directory or hub id (default: tiny)")
-    p.add_argument("--data_path", help="prompts file (default: the packaged prompts)")
+    p.add_argument("--data_path", help="prompts file: .txt, .csv, .tsv, .json, .jsonl or .parquet (default: the packaged "
+                                       "prompts)")
+    p.add_argument("--prompt_column", help="the column of a table data_path that holds the prompts (default: prompt)")
     p.add_argument("--height", type=int, default=512, help="pixels (default: 512)")
     p.add_argument("--width", type=int, default=512, help="pixels (default: 512)")
     p.add_argument("--num_inference_steps", type=int, default=40, help="teacher sampler steps (default: 40)")
@@ -294,7 +296,8 @@ def _plan(args) -> int:
 
     plan = make_plan(args.teacher_path, args.data_path, height=args.height, width=args.width,
                      num_inference_steps=args.num_inference_steps, trajectories_per_prompt=args.trajectories_per_prompt,
-                     guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, tflops=args.tflops)
+                     guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, tflops=args.tflops,
+                     prompt_column=args.prompt_column)
     print(plan.table())
     return 0
 

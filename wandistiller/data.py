@@ -1,8 +1,12 @@
 """Prompts and training data for distillation: prompt files, the (x_t, t) points of each latent source, and the
-teacher's velocities there. The cache that keeps them on disk is `wandistiller.cache`."""
+teacher's velocities there. The cache that keeps them on disk is `wandistiller.cache`.
+
+Prompt tables (.csv, .tsv, .jsonl, .parquet) are read with pyarrow: one well-kept library reads all of these
+formats, column by column (only the prompts' column is converted), fast on 100k+ rows, and without pandas."""
 
 from __future__ import annotations
 
+import codecs
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,12 +25,42 @@ def packaged_file(*parts: str) -> Path:
 
 DEFAULT_PROMPTS_PATH = packaged_file("data", "static_prompts.txt")
 
+PROMPT_TABLE_FORMATS = (".csv", ".tsv", ".json", ".jsonl", ".parquet")
+_SHOWN_ROWS = 5  # an error names the first few bad rows
 
-def read_prompts(path: str | Path = DEFAULT_PROMPTS_PATH) -> list[str]:
-    """Read a UTF-8 prompts file: one prompt per line, blank lines and `#` comments skipped."""
+
+def read_prompts(path: str | Path = DEFAULT_PROMPTS_PATH, column: str | None = None) -> list[str]:
+    """The prompts in `path`, stripped of surrounding whitespace.
+
+    A `.txt` file (or one without an extension) is UTF-8 text, one prompt per line; blank lines and `#` comments
+    are skipped. A table holds the prompts in its column (field) `column`, by default `prompt`: `.csv` or `.tsv`
+    with a header row, `.jsonl` (one JSON object per line), `.json` (an array of objects, or of strings, which are
+    the prompts themselves) or `.parquet`. A table's empty or null prompts are an error, not skipped: dropping
+    training prompts silently would change a run unseen.
+    """
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"prompts file {path} does not exist: pass data_path=<a UTF-8 text file, one prompt per line>")
+        raise FileNotFoundError(f"prompts file {path} does not exist: pass data_path=<a UTF-8 text file, one prompt "
+                                f"per line, or a table: {', '.join(PROMPT_TABLE_FORMATS)}>")
+    suffix = path.suffix.lower()
+    if suffix in ("", ".txt"):
+        if column is not None:
+            raise ValueError(f"prompt_column={column!r} names a column, but prompts file {path} is text, one prompt per "
+                             f"line, without columns: drop --prompt_column (it is for {', '.join(PROMPT_TABLE_FORMATS)} files)")
+        return _read_text_prompts(path)
+    if suffix not in PROMPT_TABLE_FORMATS:
+        raise ValueError(f"prompts file {path} has an unknown extension {path.suffix!r}: use .txt (one prompt per line) "
+                         f"or a table: {', '.join(PROMPT_TABLE_FORMATS)}")
+    named, column = column is not None, "prompt" if column is None else column
+    if suffix != ".parquet":
+        _check_utf8(path)
+    if suffix == ".json":
+        return _checked_prompts(path, *_read_json(path, column, named))
+    reader = {".csv": _read_csv, ".tsv": _read_csv, ".jsonl": _read_jsonl, ".parquet": _read_parquet}[suffix]
+    return _checked_prompts(path, *reader(path, column))
+
+
+def _read_text_prompts(path: Path) -> list[str]:
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -36,6 +70,169 @@ def read_prompts(path: str | Path = DEFAULT_PROMPTS_PATH) -> list[str]:
     if not prompts:
         raise ValueError(f"prompts file {path} has no prompts: write one prompt per line (lines starting with # are comments)")
     return prompts
+
+
+def _check_utf8(path: Path) -> None:
+    """Raise, naming the first bad byte and its line, unless the file is UTF-8 (read in 1 MiB chunks)."""
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    offset, lines = 0, 0
+    with path.open("rb") as file:
+        for chunk in [*iter(lambda: file.read(1 << 20), b""), b""]:
+            pending = decoder.getstate()[0]
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as err:
+                line = lines + (pending + chunk)[:err.start].count(b"\n") + 1
+                raise ValueError(f"prompts file {path} is not valid UTF-8 (byte {offset - len(pending) + err.start}, "
+                                 f"line {line}): re-save it as UTF-8") from None
+            offset, lines = offset + len(chunk), lines + chunk.count(b"\n")
+
+
+def _checked_prompts(path: Path, values: list, where: str, unit: str, numbers: list[int] | None = None) -> list[str]:
+    """`values` as prompts, stripped; every one must be non-empty text. `where` names the column in messages,
+    `numbers` are the values' `unit` numbers (line numbers of a .jsonl file; by default 1, 2, ...)."""
+    numbers = numbers or range(1, len(values) + 1)
+
+    def listed(bad: list[int]) -> str:
+        shown = ", ".join(str(numbers[i]) for i in bad[:_SHOWN_ROWS])
+        more = f" and {len(bad) - _SHOWN_ROWS} more" if len(bad) > _SHOWN_ROWS else ""
+        return f"{unit}{'s' if len(bad) > 1 else ''} {shown}{more}"
+
+    not_text = [i for i, value in enumerate(values) if value is not None and not isinstance(value, str)]
+    if not_text:
+        first = values[not_text[0]]
+        raise ValueError(f"prompts file {path}: {where} holds {len(not_text)} value(s) that are not text ({listed(not_text)}; "
+                         f"the first is {type(first).__name__} {first!r:.40}): write every prompt as a string, or name "
+                         "the text column with --prompt_column")
+    empty = [i for i, value in enumerate(values) if value is None or not value.strip()]
+    if empty:
+        raise ValueError(f"prompts file {path}: {where} has {len(empty)} empty or null prompt(s) ({listed(empty)}): "
+                         f"remove those {unit}s or fill them in")
+    if not values:
+        raise ValueError(f"prompts file {path} has no prompts: {where} has no {unit}s")
+    return [value.strip() for value in values]
+
+
+def _no_column(path: Path, column: str, names: list[str]) -> ValueError:
+    found = f"its columns are {', '.join(map(repr, names))}" if names else "it has no columns"
+    return ValueError(f"prompts file {path} has no column {column!r}: {found}; name the one holding the prompts with "
+                      "--prompt_column")
+
+
+def _column_of(path: Path, schema, column: str) -> None:
+    """Raise unless `schema` (pyarrow) has exactly one column named `column`."""
+    count = len(schema.get_all_field_indices(column))
+    if count == 0:
+        raise _no_column(path, column, schema.names)
+    if count > 1:
+        raise ValueError(f"prompts file {path} has {count} columns named {column!r}: rename all but the prompts' column")
+
+
+def _first_line(err: Exception, limit: int = 100) -> str:
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _read_csv(path: Path, column: str):
+    import pyarrow as pa
+    import pyarrow.csv
+
+    kind = path.suffix.lower()[1:].upper()
+    try:  # the prompts' column as text whatever it holds (a prompt "1984" is not a number)
+        table = pyarrow.csv.read_csv(
+            path, parse_options=pyarrow.csv.ParseOptions(delimiter="\t" if kind == "TSV" else ",", newlines_in_values=True),
+            convert_options=pyarrow.csv.ConvertOptions(column_types={column: pa.string()}))
+    except pa.ArrowInvalid as err:
+        if str(err).startswith("Empty CSV file"):
+            raise ValueError(f"prompts file {path} is empty: write a header row naming the columns (one of them "
+                             f"{column!r}), then one row per prompt") from None
+        raise ValueError(f"prompts file {path} is not a valid {kind} table ({_first_line(err)}): fix the file; a cell "
+                         "holding the delimiter, a quote or a line break goes in double quotes, a quote inside doubled") from None
+    _column_of(path, table.schema, column)
+    return table.column(column).to_pylist(), f"column {column!r}", "data row"
+
+
+def _read_parquet(path: Path, column: str):
+    import pyarrow as pa
+    import pyarrow.parquet
+
+    try:
+        file = pyarrow.parquet.ParquetFile(path)
+        _column_of(path, file.schema_arrow, column)
+        values = file.read(columns=[column]).column(0).to_pylist()
+    except (pa.ArrowException, OSError) as err:
+        raise ValueError(f"prompts file {path} is not a readable Parquet file ({_first_line(err)}): write it again, "
+                         "e.g. with pyarrow.parquet.write_table") from None
+    return values, f"column {column!r}", "row"
+
+
+def _json_type(value) -> str:
+    return {dict: "object", list: "array", str: "string", bool: "boolean", type(None): "null"}.get(type(value), "number")
+
+
+def _object_field(path: Path, objects, column: str, unit: str):
+    """The field `column` of each (number, object) in `objects`: (values, where, unit, numbers)."""
+    values, numbers, keys = [], [], {}
+    for number, row in objects:
+        if not isinstance(row, dict):
+            raise ValueError(f"prompts file {path}: {unit} {number} is a JSON {_json_type(row)}, not an object: write "
+                             f'one object per {unit}, such as {{"{column}": "a red fox in the snow"}}')
+        keys.update(dict.fromkeys(row))
+        values.append(row.get(column))
+        numbers.append(number)
+    if values and column not in keys:
+        raise _no_column(path, column, list(keys))
+    return values, f"field {column!r}", unit, numbers
+
+
+def _read_json(path: Path, column: str, named: bool):
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"prompts file {path} is not valid JSON ({err.msg} at line {err.lineno}, column {err.colno}): "
+                         "fix the file (a file of one JSON object per line is a .jsonl file)") from None
+    if not isinstance(data, list):
+        raise ValueError(f"prompts file {path} holds a JSON {_json_type(data)}, not an array: write "
+                         f'[{{"{column}": "a prompt"}}, ...] or ["a prompt", ...]')
+    if data and not isinstance(data[0], dict):  # an array of prompts
+        if named:
+            raise ValueError(f"prompt_column={column!r} names a field, but prompts file {path} is an array of prompts "
+                             "without fields: drop --prompt_column")
+        return data, "its array", "item"
+    return _object_field(path, enumerate(data, 1), column, "item")
+
+
+def _read_jsonl(path: Path, column: str):
+    """pyarrow reads a sound file, converting the prompts' field alone; a file it refuses, or with a missing or
+    empty prompt, is read again line by line to name the line at fault."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.json
+
+    options = pyarrow.json.ParseOptions(explicit_schema=pa.schema([(column, pa.string())]),
+                                        unexpected_field_behavior="ignore")
+    try:
+        values = pyarrow.json.read_json(path, parse_options=options).column(column).to_pylist()
+        if values and all(value and value.strip() for value in values):
+            return values, f"field {column!r}", "line"
+    except pa.ArrowException:
+        pass
+
+    def objects():
+        with path.open(encoding="utf-8-sig") as file:
+            for number, line in enumerate(file, 1):
+                if not line.strip():
+                    continue
+                try:
+                    yield number, json.loads(line)
+                except json.JSONDecodeError as err:
+                    raise ValueError(f"prompts file {path}: line {number} is not valid JSON ({err.msg}, column "
+                                     f"{err.colno}): fix that line; a .jsonl file holds one JSON object per line") from None
+
+    return _object_field(path, objects(), column, "line")
 
 
 # --- teacher targets --------------------------------------------------------------------------------------

@@ -55,7 +55,9 @@ class DistillConfig:
             block indices.
         projection_width: how width is cut: importance (whole heads, neurons, channels), truncate or svd.
         projection_expert: the expert the student is projected from: high_noise, low_noise or mean (of A14B's two).
-        data_path: the prompts file: UTF-8, one prompt per line, # starts a comment.
+        data_path: the prompts file: .txt (UTF-8, one prompt per line, # starts a comment) or a table: .csv, .tsv,
+            .json, .jsonl or .parquet (see prompt_column).
+        prompt_column: the column (field) of a table data_path that holds the prompts; none: prompt.
         output_dir: the run's folder: checkpoints, student, student_ema, pipeline, samples, metrics.jsonl.
         latent_source: the training points: trajectory (the teacher's sampler), noise, renoise or images.
         images_path: the folder of images for latent_source=images.
@@ -112,6 +114,7 @@ class DistillConfig:
     projection_expert: str = "low_noise"
     # data and teacher targets
     data_path: str = str(DEFAULT_PROMPTS_PATH)
+    prompt_column: str | None = None
     output_dir: str = "outputs/distill"
     latent_source: str = "trajectory"
     images_path: str | None = None
@@ -397,7 +400,7 @@ def _validate(cfg: DistillConfig) -> _RunInputs:
     would otherwise end in a config error)."""
     from .teacher import read_teacher_info, resolve_dtype, teacher_device_plan
 
-    prompts = read_prompts(cfg.data_path)
+    prompts = read_prompts(cfg.data_path, cfg.prompt_column)
     student_cfg, sets_size = _read_student_config(cfg.student_config)
     resolve_dtype(cfg.teacher_dtype)
     info = read_teacher_info(cfg.teacher_path, cfg.guidance_scale, cfg.guidance_scale_2)

@@ -137,8 +137,9 @@ def cache_bytes_per_prompt(*, latent_channels: int, latent_hw: tuple[int, int], 
 
 def make_plan(teacher_path: str = "tiny", data_path: str | Path | None = None, *, height: int = 512, width: int = 512,
               num_inference_steps: int = 40, trajectories_per_prompt: int = 1, guidance_scale: float | None = None,
-              guidance_scale_2: float | None = None, tflops: float = H200_TFLOPS) -> Plan:
-    """The cost of recording targets for the prompts in `data_path` (the default prompts when None)."""
+              guidance_scale_2: float | None = None, tflops: float = H200_TFLOPS, prompt_column: str | None = None) -> Plan:
+    """The cost of recording targets for the prompts in `data_path` (the default prompts when None; the column
+    `prompt_column` of a table, as `read_prompts`)."""
     from .data import DEFAULT_PROMPTS_PATH, read_prompts
     from .teacher import read_json, read_teacher_info
 
@@ -159,7 +160,7 @@ def make_plan(teacher_path: str = "tiny", data_path: str | Path | None = None, *
     if max(latent_hw) // patch > rope:
         raise ValueError(f"{height}×{width} is beyond this teacher's positions (RoPE covers {rope} patches per axis): "
                          f"use at most {rope * patch * factor} pixels a side")
-    prompts = read_prompts(data_path or DEFAULT_PROMPTS_PATH)
+    prompts = read_prompts(data_path or DEFAULT_PROMPTS_PATH, prompt_column)
     steps = steps_per_expert(info, num_inference_steps)
     guidance = {"transformer": info.guidance_scale, "transformer_2": info.guidance_scale_2 or info.guidance_scale}
     z_dim = read_json(info.source / "vae" / "config.json")["z_dim"]
