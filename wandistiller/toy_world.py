@@ -59,7 +59,7 @@ class ToyWorldRecipe:
     # transformer + text encoder: the shared model trains first at `coarse_patch` (few tokens, many images per
     # step), then `fine_steps` at `patch` with the same tokens per step; the experts train at `patch`
     shared_steps: int = 12000
-    fine_steps: int = 4000
+    fine_steps: int = 8000
     expert_steps: int = 1000
     coarse_patch: int = 2
     patch: int = 1  # one token per latent pixel: 2x2 patches of an 8x8 latent leave 16 tokens and blobby shapes
@@ -72,7 +72,9 @@ class ToyWorldRecipe:
     weight_decay: float = 0.01
     ema_decay: float = 0.999
     caption_dropout: float = 0.1
-    flow_shift: float = 3.0
+    flow_shift: float = 3.0  # the shared model's training noise levels, and the scheduler's shift
+    expert_flow_shift: float = 1.0  # the experts' noise levels, uniform in their range: the low-noise expert
+    # then spends a third of its steps below sigma 0.3, where corners and edges are drawn
     # decoder fine-tune on noisy latents (encoder frozen, so the experts' latents stay valid)
     decoder_steps: int = 400
     decoder_lr: float = 3e-4
@@ -431,7 +433,8 @@ def train_transformer(work: Path, stage: str, data: dict, recipe: ToyWorldRecipe
     def step_loss(step):
         _, generator = _step_generators(recipe, stage, step)
         latents, ids = _training_batch(data, step, recipe, generator, patch)
-        x_t, timesteps, target = flow_batch(latents, _sigma_range(stage), recipe.flow_shift, generator)
+        shift = recipe.flow_shift if stage in ("shared", "fine") else recipe.expert_flow_shift
+        x_t, timesteps, target = flow_batch(latents, _sigma_range(stage), shift, generator)
         with torch.set_grad_enabled(train_text):
             text = encode_text(text_encoder, ids, processor)
         pred = transformer(x_t, timestep=timesteps, encoder_hidden_states=text, return_dict=False)[0]
