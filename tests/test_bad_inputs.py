@@ -261,5 +261,5 @@ def test_the_command_exits_non_zero_without_a_traceback(inputs, tmp_path):
     assert done.stdout == "" and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines() == [
         f"wandistiller: error: {inputs / 'broken_student.json'} is corrupt: not valid JSON at line 3, column 2 "
-        "(Expecting ',' delimiter); fix the file or re-download it"]
+        "(Expecting ',' delimiter); fix the file"]
     assert snapshot(inputs, tmp_path) == before

@@ -438,14 +438,10 @@ def _validate(cfg: DistillConfig) -> _RunInputs:
 
 def _read_student_config(config) -> tuple[StudentConfig, bool]:
     """The student config, and whether it sets image_size; a broken JSON file is named with the position."""
-    from .teacher import read_json
+    from .model import _read_student_config_file
 
     if isinstance(config, (str, Path)):
-        path = Path(config)
-        if not path.is_file():
-            raise FileNotFoundError(f"student config {path} does not exist: pass a JSON file such as "
-                                    f"{DEFAULT_STUDENT_CONFIG}")
-        config = read_json(path)
+        config = _read_student_config_file(Path(config))
     sets_size = not isinstance(config, dict) or "image_size" in config
     return load_student_config(config), sets_size
 

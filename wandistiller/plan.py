@@ -80,11 +80,14 @@ class Plan:
 
 
 def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if n < 1000 or unit == "TB":
-            return f"{n:,.1f} {unit}" if unit != "B" else f"{int(n)} B"
+    """Decimal units: 999 B, 1.5 KB, ... TB (larger sizes stay in TB)."""
+    if n < 1000:
+        return f"{int(n)} B"
+    for unit in ("KB", "MB", "GB", "TB"):
         n /= 1000
-    raise AssertionError
+        if n < 1000 or unit == "TB":
+            break
+    return f"{n:,.1f} {unit}"
 
 
 def steps_per_expert(info, num_inference_steps: int) -> dict[str, int]:
