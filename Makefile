@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 OUT ?= outputs/demo
 
-.PHONY: install demo test test-fast toy-world clean
+.PHONY: install demo test test-fast toy-world bench clean
 
 $(BIN)/wandistiller: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ demo: install
 	$(BIN)/wandistiller demo --output-dir $(OUT)
 
 # Retrain the committed toy-world teacher (data/toy_world) from scratch; resumable (outputs/toy_world.work).
+# Every CPU benchmark in one run; their ratio tables go to benchmarks/results.md (~10-15 min on 2 cores).
+bench: install
+	$(BIN)/python benchmarks/run_all.py
+
 toy-world: install
 	$(BIN)/wandistiller make-toy-world outputs/toy_world --work-dir outputs/toy_world.work
 	@echo "review outputs/toy_world.work/log.jsonl, then replace data/toy_world with outputs/toy_world"
