@@ -1,15 +1,13 @@
 """JupyterLab in a real browser: open notebook 03 in headless Chromium, run all cells, check the figures rendered.
 
-Chromium is Debian's (`apt-get install chromium`); nothing is downloaded. It is driven over the Chrome DevTools
-Protocol with `websocket-client` (no chromedriver). JupyterLab runs with `expose_app_in_browser`, so the test runs
+Chromium and its driver are Debian's (`apt-get install chromium chromium-driver`); nothing is downloaded: Selenium
+is handed both paths, so Selenium Manager never runs. JupyterLab runs with `expose_app_in_browser`, so the test runs
 cells through the same command the Run menu uses (`notebook:run-all-cells`) and then inspects the rendered DOM.
 Everything listens on 127.0.0.1 only; JupyterLab and Chromium are always stopped, and every wait is bounded.
 """
 
 from __future__ import annotations
 
-import base64
-import itertools
 import json
 import os
 import secrets
@@ -24,13 +22,18 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import websocket
 from PIL import Image
+from selenium import webdriver
+from selenium.common.exceptions import TimeoutException
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.support.ui import WebDriverWait
 
 pytestmark = pytest.mark.browser
 
 REPO = Path(__file__).resolve().parents[1]
-CHROMIUM = Path(os.environ.get("WANDISTILLER_CHROMIUM", "/usr/bin/chromium"))
+# The self-test below points these at files that do not exist.
+CHROMIUM = os.environ.get("WANDISTILLER_CHROMIUM") or shutil.which("chromium")
+CHROMEDRIVER = os.environ.get("WANDISTILLER_CHROMEDRIVER") or shutil.which("chromedriver")
 NOTEBOOK = "notebooks/03_distill.ipynb"
 RUN_TIMEOUT_S = 300  # the notebook trains a tiny model: ~10-70 s on a shared 2-core CPU
 WINDOW = (1280, 2000)
@@ -60,7 +63,7 @@ def _stop(proc: subprocess.Popen, grace_s: float = 20.0) -> None:
             proc.wait(timeout=grace_s)
         except subprocess.TimeoutExpired:
             pass
-    try:  # children left in the group we created (Chromium's renderers, ...)
+    try:  # children left in the group we created (the kernel, ...)
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
@@ -138,118 +141,52 @@ def _start_lab(tmp_path: Path) -> Lab:
         time.sleep(0.5)
 
 
-# --- Chromium over the DevTools protocol ----------------------------------------------------------------------
+# --- Chromium through Selenium and chromedriver ----------------------------------------------------------------
 
 
-class Browser:
-    """Just enough of the Chrome DevTools Protocol: evaluate JS, navigate, take screenshots."""
-
-    def __init__(self, proc: subprocess.Popen, ws: websocket.WebSocket, log: Path):
-        self.proc, self.ws, self.log = proc, ws, log
-        self._ids = itertools.count(1)
-
-    def send(self, method: str, timeout_s: float = 30.0, **params):
-        msg_id = next(self._ids)
-        self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            self.ws.settimeout(max(0.1, deadline - time.monotonic()))
-            try:
-                message = json.loads(self.ws.recv())
-            except websocket.WebSocketTimeoutException:
-                break
-            if message.get("id") == msg_id:  # anything else is an event: ignored
-                if "error" in message:
-                    raise RuntimeError(f"{method}: {message['error']}")
-                return message.get("result", {})
-        raise TimeoutError(f"no answer to {method} within {timeout_s} s")
-
-    def js(self, expression: str, await_promise: bool = False):
-        result = self.send("Runtime.evaluate", expression=expression, returnByValue=True,
-                           awaitPromise=await_promise)
-        if "exceptionDetails" in result:
-            details = result["exceptionDetails"]
-            raise RuntimeError(f"JS error: {details.get('exception', {}).get('description') or details}")
-        return result["result"].get("value")
-
-    def wait_for(self, expression: str, timeout_s: float, what: str, interval_s: float = 0.5):
-        """Poll a JS expression until it is truthy; return its value."""
-        deadline = time.monotonic() + timeout_s
-        value = None
-        while time.monotonic() < deadline:
-            value = self.js(expression)
-            if value:
-                return value
-            time.sleep(interval_s)
-        raise TimeoutError(f"timed out after {timeout_s} s waiting for {what} (last value: {value!r})")
-
-    def close(self) -> None:
-        """Ask Chromium to quit (it then ends its own helper processes); force it only if that fails."""
-        try:
-            self.ws.send(json.dumps({"id": next(self._ids), "method": "Browser.close", "params": {}}))
-            self.proc.wait(timeout=10)
-        except Exception:  # noqa: BLE001 - a broken connection or a hung browser: _stop below ends it
-            pass
-        finally:
-            self.ws.close()
-            _stop(self.proc, grace_s=5)
-
-    def screenshot(self, path: Path, clip: dict | None = None) -> Path:
-        params = {"format": "png", "captureBeyondViewport": clip is not None}
-        if clip is not None:
-            params["clip"] = {**clip, "scale": 1}
-        data = self.send("Page.captureScreenshot", **params)["data"]
-        path.write_bytes(base64.b64decode(data))
-        return path
-
-
-def _start_browser(tmp_path: Path) -> Browser:
-    profile = tmp_path / "chromium_profile"
-    profile.mkdir()
-    log = tmp_path / "chromium.log"
-    cmd = [
-        str(CHROMIUM), "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--disable-dev-shm-usage", "--disable-extensions", "--no-default-browser-check", "--no-proxy-server",
-        "--hide-scrollbars", "--mute-audio", f"--window-size={WINDOW[0]},{WINDOW[1]}",
-        f"--user-data-dir={profile}", "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
-        "about:blank",
-    ]
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
+def _start_browser(tmp_path: Path) -> webdriver.Chrome:
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--disable-quic",
+                "--disable-extensions", "--disable-component-update", "--no-proxy-server", "--hide-scrollbars",
+                "--mute-audio", f"--window-size={WINDOW[0]},{WINDOW[1]}",
+                f"--user-data-dir={tmp_path / 'chromium_profile'}"):
+        options.add_argument(arg)
+    options.ignore_local_proxy_environment_variables()  # Selenium talks to chromedriver on 127.0.0.1: no proxy
+    # An explicit driver path: Selenium Manager (which would download one) is skipped.
+    service = Service(CHROMEDRIVER, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=options)  # it quits the driver itself if this fails
     try:
-        # Chromium writes the port it picked (and the browser target's path) to DevToolsActivePort.
-        port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 30
-        while not (port_file.exists() and port_file.read_text().strip()):
-            if proc.poll() is not None:
-                raise RuntimeError(f"Chromium exited with {proc.returncode}:\n{_tail(log)}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"Chromium opened no DevTools port within 30 s:\n{_tail(log)}")
-            time.sleep(0.2)
-        port = int(port_file.read_text().split()[0])
-        page = None
-        while page is None:
-            with _http.open(f"http://127.0.0.1:{port}/json/list", timeout=5) as response:
-                page = next((t for t in json.load(response) if t.get("type") == "page"), None)
-            if page is None:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("Chromium has no page target")
-                time.sleep(0.2)
-        # No Origin header: Chromium refuses DevTools websockets from unlisted origins.
-        ws = websocket.create_connection(page["webSocketDebuggerUrl"], timeout=30, suppress_origin=True)
+        driver.set_page_load_timeout(90)
+        driver.set_script_timeout(30)  # a script that returns a promise is awaited this long at most
+        # A headless page never has OS focus; without it JupyterLab has no current widget for its commands.
+        driver.execute_cdp_cmd("Emulation.setFocusEmulationEnabled", {"enabled": True})
+        # --window-size sizes the window, not the page (1280x1857 with it alone): fix the page's size as before.
+        driver.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                               {"width": WINDOW[0], "height": WINDOW[1], "deviceScaleFactor": 1, "mobile": False})
     except BaseException:
-        _stop(proc, grace_s=5)
+        driver.quit()
         raise
-    browser = Browser(proc, ws, log)
-    browser.send("Page.enable")
-    browser.send("Runtime.enable")
-    # A headless page never has OS focus; without it JupyterLab has no current widget for its commands.
-    browser.send("Emulation.setFocusEmulationEnabled", enabled=True)
-    browser.send("Emulation.setDeviceMetricsOverride", width=WINDOW[0], height=WINDOW[1], deviceScaleFactor=1,
-                 mobile=False)
-    return browser
+    return driver
+
+
+def _js(driver: webdriver.Chrome, expression: str):
+    """The value of a JS expression in the page (a promise is awaited)."""
+    return driver.execute_script(f"return {expression}")
+
+
+def _wait_for(driver: webdriver.Chrome, expression: str, timeout_s: float, what: str, interval_s: float = 0.5):
+    """Poll a JS expression until it is truthy; return its value."""
+    last = [None]
+
+    def probe(d):
+        last[0] = _js(d, expression)
+        return last[0]
+
+    try:
+        return WebDriverWait(driver, timeout_s, poll_frequency=interval_s).until(probe)
+    except TimeoutException:
+        raise TimeoutError(f"timed out after {timeout_s} s waiting for {what} (last value: {last[0]!r})") from None
 
 
 # --- fixtures --------------------------------------------------------------------------------------------------
@@ -264,9 +201,9 @@ def lab(tmp_path):
 
 @pytest.fixture
 def browser(tmp_path):
-    browser = _start_browser(tmp_path)
-    yield browser
-    browser.close()
+    driver = _start_browser(tmp_path)
+    yield driver
+    driver.quit()  # chromedriver closes Chromium, then Selenium stops chromedriver
 
 
 def _in_ci() -> bool:
@@ -275,21 +212,27 @@ def _in_ci() -> bool:
 
 @pytest.fixture
 def chromium():
-    if CHROMIUM.exists():
+    missing = [path or name for name, path in (("chromium", CHROMIUM), ("chromedriver", CHROMEDRIVER))
+               if not (path and Path(path).is_file())]
+    if not missing:
         return
-    message = f"{CHROMIUM} is missing (Debian package `chromium`); the browser test needs it"
+    message = (f"{' and '.join(missing)} not found; the browser test needs Debian's Chromium and its driver: "
+               "apt-get install chromium chromium-driver")
     if _in_ci():  # CI must show this gap: a skip would pass unseen
         pytest.fail(f"{message}; under CI=true it fails instead of skipping")
     pytest.skip(message)
 
 
-def test_ci_fails_without_chromium_instead_of_skipping(tmp_path):
-    env = dict(os.environ, CI="true", WANDISTILLER_CHROMIUM=str(tmp_path / "no-chromium"))
+@pytest.mark.parametrize("variable, name", [("WANDISTILLER_CHROMIUM", "no-chromium"),
+                                            ("WANDISTILLER_CHROMEDRIVER", "no-chromedriver")])
+def test_ci_fails_without_chromium_instead_of_skipping(tmp_path, variable, name):
+    env = dict(os.environ, CI="true", **{variable: str(tmp_path / name)})
     done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__,
                            "-k", "not test_ci_fails_without_chromium_instead_of_skipping"],
                           capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
     assert done.returncode == 1, done.stdout[-2000:]
-    assert "no-chromium is missing (Debian package `chromium`)" in done.stdout
+    assert f"{name} not found; the browser test needs Debian's Chromium and its driver: " \
+           "apt-get install chromium chromium-driver" in done.stdout
     assert "under CI=true it fails instead of skipping" in done.stdout
     assert " skipped" not in done.stdout
 
@@ -331,11 +274,10 @@ _TRAIN_IMAGES = f"""(() => {{
     src: img.src.slice(0, 40), srcLength: img.src.length}}));
 }})()"""
 
-_OUTPUT_RECT = f"""(() => {{
+_OUTPUT_AREA = f"""(() => {{
   const cell = {_TRAIN_CELL};
   cell.scrollIntoView({{block: 'start'}});
-  const r = cell.querySelector('.jp-OutputArea').getBoundingClientRect();
-  return {{x: r.x + window.scrollX, y: r.y + window.scrollY, width: r.width, height: r.height}};
+  return cell.querySelector('.jp-OutputArea');
 }})()"""
 
 
@@ -348,67 +290,73 @@ def test_notebook_03_runs_in_jupyterlab_and_renders_figures(lab, browser, tmp_pa
         _run_and_check(lab, browser, tmp_path)
     except BaseException:
         try:  # what the page looked like when it failed
-            print(f"\nfailure screenshot: {browser.screenshot(tmp_path / 'jupyterlab_03_failure.png')}")
+            shot = tmp_path / "jupyterlab_03_failure.png"
+            browser.save_screenshot(str(shot))
+            print(f"\nfailure screenshot: {shot}")
         except Exception as exc:  # noqa: BLE001 - the original failure matters more
             print(f"\nno failure screenshot: {exc}")
         print(f"JupyterLab log: {lab.log}\n{_tail(lab.log, 2000)}")
         raise
 
 
-def _run_and_check(lab, browser, tmp_path):
+def _run_and_check(lab, driver, tmp_path):
     cells = json.loads((lab.root / NOTEBOOK).read_text())["cells"]
     n_code = sum(cell["cell_type"] == "code" for cell in cells)
     started = time.monotonic()
-    browser.send("Page.navigate", url=lab.url(f"lab/tree/{NOTEBOOK}"))
-    state = browser.wait_for(
-        f"(() => {{ const s = {_NOTEBOOK_STATE}; return s && s.ready && s.kernel === 'idle' ? s : null; }})()",
+    driver.get(lab.url(f"lab/tree/{NOTEBOOK}"))
+    state = _wait_for(
+        driver, f"(() => {{ const s = {_NOTEBOOK_STATE}; return s && s.ready && s.kernel === 'idle' ? s : null; }})()",
         timeout_s=90, what="the notebook open with an idle kernel")
     assert state["cells"] == len(cells), state
     # Make it the current widget, as a click would: the Run menu's commands act on the current notebook.
-    browser.js(f"window.jupyterapp.shell.activateById({json.dumps(state['id'])})")
-    browser.wait_for(f"{_NOTEBOOK_STATE}.current", timeout_s=10, what="the notebook to become current")
-    browser.js("window.jupyterapp.shell.collapseLeft()")  # more room for the outputs in the screenshot
+    _js(driver, f"window.jupyterapp.shell.activateById({json.dumps(state['id'])})")
+    _wait_for(driver, f"{_NOTEBOOK_STATE}.current", timeout_s=10, what="the notebook to become current")
+    _js(driver, "window.jupyterapp.shell.collapseLeft()")  # more room for the outputs in the screenshot
 
     # Outputs stored in the notebook must not pass for rendered ones.
-    browser.js("window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs')", await_promise=True)
-    assert browser.js(f"{_TRAIN_IMAGES}.length") == 0
+    _js(driver, "window.jupyterapp.commands.execute('notebook:clear-all-cell-outputs').then(() => true)")
+    assert _js(driver, f"{_TRAIN_IMAGES}.length") == 0
 
     # The Run menu's "Run All Cells": not awaited here, its progress is polled below.
-    browser.js("window.jupyterapp.commands.execute('notebook:run-all-cells'); true")
-    deadline = time.monotonic() + RUN_TIMEOUT_S
-    while True:
-        progress = browser.js(_PROGRESS)
+    _js(driver, "(window.jupyterapp.commands.execute('notebook:run-all-cells'), true)")
+    last = [None]
+
+    def finished(d):
+        progress = last[0] = _js(d, _PROGRESS)
         assert not progress["traceback"], "a cell raised:\n" + "\n".join(progress["traceback"])
         done = progress["prompts"] and all(p[1:-2].isdigit() and p.endswith("]:") for p in progress["prompts"])
-        if done and progress["kernel"] == "idle":
-            break
-        if time.monotonic() > deadline:
-            pytest.fail(f"cells not finished after {RUN_TIMEOUT_S} s: {progress}")
-        time.sleep(1)
+        return progress if done and progress["kernel"] == "idle" else None
+
+    try:
+        progress = WebDriverWait(driver, RUN_TIMEOUT_S, poll_frequency=1).until(finished)
+    except TimeoutException:
+        pytest.fail(f"cells not finished after {RUN_TIMEOUT_S} s: {last[0]}")
     ran_s = time.monotonic() - started
     assert len(progress["prompts"]) == n_code, progress
 
     # The training cell holds exactly two images (each figure is one output, updated in place):
     # the loss plot and the sample grid, decoded, with the sizes of the PNG copies the run saved.
-    images = browser.wait_for(
-        f"(() => {{ const i = {_TRAIN_IMAGES}; return i && i.length >= 2 && i.every(x => x.complete && x.width > 0)"
-        f" ? i : null; }})()", timeout_s=30, what="decoded images in the training cell's output")
+    images = _wait_for(
+        driver, f"(() => {{ const i = {_TRAIN_IMAGES}; return i && i.length >= 2"
+        f" && i.every(x => x.complete && x.width > 0) ? i : null; }})()",
+        timeout_s=30, what="decoded images in the training cell's output")
     assert len(images) == 2, images
     assert all(i["src"].startswith(("data:image/png", "blob:")) for i in images), images
     run_dir = lab.root / "outputs" / "notebooks" / "distill"
     saved = sorted(Image.open(run_dir / name).size for name in ("loss.png", "samples_grid.png"))
     assert sorted((i["width"], i["height"]) for i in images) == saved, (images, saved)
 
-    stderr = browser.js("[...document.querySelectorAll('.jp-OutputArea-output"
-                        "[data-mime-type=\"application/vnd.jupyter.stderr\"]')].map(e => e.textContent)")
+    stderr = _js(driver, "[...document.querySelectorAll('.jp-OutputArea-output"
+                         "[data-mime-type=\"application/vnd.jupyter.stderr\"]')].map(e => e.textContent)")
     assert not [t for t in stderr if "Traceback" in t], stderr
-    summary = browser.js("document.querySelector('.jp-Notebook').textContent")
+    summary = _js(driver, "document.querySelector('.jp-Notebook').textContent")
     assert "steps trained:" in summary and "loss plot:" in summary
 
-    clip = browser.js(_OUTPUT_RECT)
+    output_area = _js(driver, _OUTPUT_AREA)
     time.sleep(0.5)  # let the scroll paint
-    shot = browser.screenshot(tmp_path / "jupyterlab_03.png")
-    outputs = browser.screenshot(tmp_path / "jupyterlab_03_outputs.png", clip=clip)
+    shot, outputs = tmp_path / "jupyterlab_03.png", tmp_path / "jupyterlab_03_outputs.png"
+    driver.save_screenshot(str(shot))
+    output_area.screenshot(str(outputs))  # the training cell's outputs only
     assert Image.open(shot).size == WINDOW
     print(f"\nnotebook ran in JupyterLab in {ran_s:.1f} s; images {[(i['width'], i['height']) for i in images]}")
     print(f"screenshot: {shot}\noutputs:    {outputs}")
