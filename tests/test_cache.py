@@ -10,8 +10,9 @@ from wandistiller.data import TargetSpec
 from wandistiller.teacher import load_teacher
 
 PROMPTS = ["a red fox sitting in fresh snow", "a lighthouse on a rocky coast", "a bowl of ramen"]
-# What a shard holds per target: the point, its prompt, and the teacher's answer there (what the loop trains on).
-SHARD_KEYS = {"latents", "timesteps", "prompt_index", "v_cond", "v_uncond", "guidance"}
+# What a shard holds per target: the point, its prompt and trajectory, and the teacher's answer there (what the loop
+# trains on); per trajectory (TargetSet.trajectories) it also holds the final latents, reflow's pairs.
+SHARD_KEYS = {"latents", "timesteps", "prompt_index", "trajectory", "v_cond", "v_uncond", "guidance"}
 
 
 @pytest.fixture()

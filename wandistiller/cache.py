@@ -15,9 +15,10 @@ from pathlib import Path
 
 import torch
 
-from .data import TargetSet, TargetSpec, compute_targets, concat_records
+from .data import TRAJECTORY_TABLE, TargetSet, TargetSpec, compute_targets, concat_records
 
-CACHE_FORMAT = 1
+# 2: trajectory shards also hold each trajectory's final latents and each record's trajectory id (reflow's pairs)
+CACHE_FORMAT = 2
 
 
 def save_atomically(tensors: dict, path: Path) -> None:
@@ -106,8 +107,7 @@ def build_target_cache(teacher, prompts: list[str], cache_dir: str | Path, spec:
         mine = [i for k in pending for i in shards[k]]
         targets = compute_targets(teacher, spec, mine, embeds, negative, progress=progress)
         for k in pending:
-            keep = torch.isin(targets["prompt_index"], torch.tensor(shards[k]))
-            save_atomically({key: value[keep] for key, value in targets.items()}, cache_dir / _shard_name(k))
+            save_atomically(_shard_part(targets, torch.tensor(shards[k])), cache_dir / _shard_name(k))
     if barrier is not None:
         barrier()
     if rank == 0:
@@ -118,6 +118,16 @@ def build_target_cache(teacher, prompts: list[str], cache_dir: str | Path, spec:
     if barrier is not None:
         barrier()
     return manifest_path
+
+
+def _shard_part(targets: dict, prompts: torch.Tensor) -> dict:
+    """The targets of `prompts`: their records, and the rows of the trajectory table (if any) of their trajectories."""
+    keep = torch.isin(targets["prompt_index"], prompts)
+    part = {key: value[keep] for key, value in targets.items() if key not in TRAJECTORY_TABLE}
+    if "final_prompt_index" in targets:
+        keep = torch.isin(targets["final_prompt_index"], prompts)
+        part.update({key: targets[key][keep] for key in TRAJECTORY_TABLE})
+    return part
 
 
 def _shard_name(k: int) -> str:

@@ -242,6 +242,10 @@ def _read_jsonl(path: Path, column: str):
 # once and kept on disk (`wandistiller.cache`), and training can run from them without the teacher.
 
 LATENT_SOURCES = ("trajectory", "noise", "renoise", "images")
+# Trajectory targets also keep, once per trajectory, the clean latent the teacher's sampler ended at (row r is the
+# trajectory with id r = prompt_index * trajectories_per_prompt + j, which each record names in "trajectory"): with
+# the noise it started from (its first record's latents) it is the (noise, x0) pair that reflow trains on.
+TRAJECTORY_TABLE = ("final_latents", "final_prompt_index")
 
 
 @dataclass
@@ -269,12 +273,38 @@ class TargetSpec:
 
 
 class TargetSet(torch.utils.data.Dataset):
-    """Targets in memory: per-sample tensors plus the prompt-embedding table they index into."""
+    """Targets in memory: per-sample tensors plus the tables they index into: prompt embeddings (`prompt_index`)
+    and, for trajectory targets, each trajectory's final latents (`trajectory`, see `TRAJECTORY_TABLE`)."""
 
     def __init__(self, tensors: dict, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor):
-        self.tensors = tensors
+        self.tensors = {key: value for key, value in tensors.items() if key not in TRAJECTORY_TABLE}
+        self.trajectories = {key: tensors[key] for key in TRAJECTORY_TABLE if key in tensors}
         self.prompt_embeds = prompt_embeds
         self.negative_embeds = negative_embeds
+        self._pairs = None
+
+    def reflow_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, final): per trajectory (indexed by the records' `trajectory`), the noise the teacher's sampler
+        started from (the latents of the trajectory's first, highest-timestep record, which are that noise
+        itself) and the clean latent it ended at, each (num_trajectories, C, H, W)."""
+        if self._pairs is None:
+            if "trajectory" not in self.tensors or "final_latents" not in self.trajectories:
+                raise ValueError("these targets hold no teacher trajectories (noise, final latents): reflow needs "
+                                 "latent_source='trajectory'")
+            trajectory, timesteps = self.tensors["trajectory"], self.tensors["timesteps"]
+            final = self.trajectories["final_latents"]
+            first = torch.full((len(final),), -torch.inf, dtype=timesteps.dtype)
+            first = first.scatter_reduce(0, trajectory, timesteps, "amax")
+            starts = timesteps == first[trajectory]
+            owner = self.trajectories["final_prompt_index"][trajectory]
+            if not (torch.equal(owner, self.tensors["prompt_index"])
+                    and torch.equal(torch.sort(trajectory[starts]).values, torch.arange(len(final)))):
+                raise ValueError("the target cache's trajectories do not fit together (a record of another prompt's "
+                                 "trajectory, or a trajectory without its first step): rebuild it with overwrite=True")
+            noise = torch.empty_like(final)
+            noise[trajectory[starts]] = self.tensors["latents"][starts].to(final.dtype)
+            self._pairs = noise, final
+        return self._pairs
 
     def __len__(self) -> int:
         return len(self.tensors["timesteps"])
@@ -378,9 +408,13 @@ def make_inputs(teacher, spec: TargetSpec, prompt_indices: list[int], embeds, ne
     if spec.latent_source == "trajectory":  # trajectory j of a prompt starts from its noise sample j
         k = spec.trajectories_per_prompt
         noise = torch.cat([_prompt_noise(teacher, spec, i, j) for i in prompt_indices for j in range(k)])
-        records, _ = record_trajectories(teacher, embeds.repeat_interleave(k, 0), negative.repeat_interleave(k, 0),
-                                         noise, spec, progress=progress)
-        records["prompt_index"] = torch.tensor(prompt_indices).repeat_interleave(k)[records["prompt_index"]]
+        records, final = record_trajectories(teacher, embeds.repeat_interleave(k, 0),
+                                             negative.repeat_interleave(k, 0), noise, spec, progress=progress)
+        prompts = torch.tensor(prompt_indices).repeat_interleave(k)  # of each trajectory
+        ids = prompts * k + torch.arange(len(prompts)) % k  # global: the same on every rank and in every shard
+        local = records["prompt_index"]  # the record's row in `noise`
+        records.update(prompt_index=prompts[local], trajectory=ids[local], final_latents=final[:, :, 0],
+                       final_prompt_index=prompts)
         return records
     noise = torch.cat([_prompt_noise(teacher, spec, i) for i in prompt_indices])
     k = spec.samples_per_prompt

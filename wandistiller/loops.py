@@ -9,6 +9,7 @@ newest one on disk is always complete and `resume=True` continues exactly where 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import inspect
 import json
 import os
@@ -78,6 +79,11 @@ class DistillConfig:
         max_grad_norm: gradients are clipped to this norm.
         ema_decay: decay of the moving average of the student's weights, which is what is exported; 0: no EMA.
         cfg_distill: learn the teacher's guided velocity (sampling needs one forward a step), not the conditional.
+        objective: what the student learns: velocity (the teacher's velocity at every recorded point) or reflow
+            (rectified flow: straight paths from each teacher trajectory's noise to its final latent, for sampling
+            in a few Euler steps; needs latent_source=trajectory and teacher_targets=cache; start it from a
+            velocity-distilled student with student_init=<its folder>; its pipeline samples with
+            FlowMatchEulerDiscreteScheduler, shift 1).
         timestep_weighting: loss weight per noise level: none, min_snr or cosmap.
         feature_weight: weight of feature distillation on the blocks' outputs; 0: off (> 0 needs
             teacher_targets=online).
@@ -136,6 +142,7 @@ class DistillConfig:
     max_grad_norm: float = 1.0
     ema_decay: float = 0.999
     cfg_distill: bool = True
+    objective: str = "velocity"
     timestep_weighting: str = "none"
     feature_weight: float = 0.0
     mixed_precision: str = "auto"
@@ -355,6 +362,9 @@ _COUNTS = ("batch_size", "num_epochs", "gradient_accumulation_steps", "num_infer
 
 
 
+OBJECTIVES = ("velocity", "reflow")
+
+
 def _check(cfg: DistillConfig, world_size: int) -> None:
     for name in _COUNTS:
         value = getattr(cfg, name)
@@ -368,6 +378,7 @@ def _check(cfg: DistillConfig, world_size: int) -> None:
         raise ValueError(f"batch_size={cfg.batch_size} is the global batch and must divide by the {world_size} ranks")
     if cfg.teacher_targets not in ("cache", "online"):
         raise ValueError(f"teacher_targets must be 'cache' or 'online', got {cfg.teacher_targets!r}")
+    _check_objective(cfg)
     if cfg.feature_weight > 0 and cfg.teacher_targets != "online":
         raise ValueError("feature_weight > 0 needs the teacher's features at each batch: set teacher_targets='online'")
     if cfg.mixed_precision not in ("auto", "no", "bf16"):
@@ -377,6 +388,23 @@ def _check(cfg: DistillConfig, world_size: int) -> None:
         if missing:
             raise ValueError(f"callback {type(callback).__name__} has no {', '.join(missing)}: subclass "
                              "wandistiller.Callback (hooks you do not override do nothing)")
+
+
+def _check_objective(cfg: DistillConfig) -> None:
+    if cfg.objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.objective != "reflow":
+        return
+    if cfg.latent_source != "trajectory":
+        raise ValueError(f"objective='reflow' trains on the (noise, final latent) pairs of the teacher's trajectories, "
+                         f"which latent_source='trajectory' alone records: set latent_source='trajectory' (got "
+                         f"{cfg.latent_source!r})")
+    if cfg.teacher_targets != "cache" or cfg.feature_weight > 0:
+        raise ValueError("objective='reflow' trains on the recorded trajectories without the teacher: set "
+                         "teacher_targets='cache' and feature_weight=0")
+    if not cfg.cfg_distill:
+        raise ValueError("objective='reflow' learns the final latents of the teacher's sampler, which runs with the "
+                         "teacher's CFG: drop cfg_distill=False (guidance_scale=1 records unguided trajectories)")
 
 
 @dataclass
@@ -732,6 +760,8 @@ def _train(cfg: DistillConfig, rt: _Dist, tr: _Training, targets, online, out: P
         for b, batch in enumerate(tr.loader):
             if b < tr.batch_in_epoch or b >= tr.batches_per_epoch:
                 continue
+            if cfg.objective == "reflow":
+                batch = _reflow_batch(batch, targets, cfg.seed, tr.step, meter.micro, rt)
             parts = _micro_step(tr.model, tr.loss_fn, batch, targets, online, rt, autocast, tr.step)
             (parts["loss"] / cfg.gradient_accumulation_steps).backward()
             meter.add(parts, len(batch["timesteps"]))
@@ -828,6 +858,24 @@ def _micro_step(model, loss_fn, batch, targets, teacher, rt: _Dist, autocast, st
     return parts
 
 
+def _reflow_batch(batch: dict, targets, seed: int, step: int, micro: int, rt: _Dist) -> dict:
+    """Reflow's micro-batch: for each record's trajectory (noise z, final latent x0), the point of the straight path
+    at a noise level sigma ~ U(0, 1) and its velocity z - x0 (as v_cond and v_uncond, so the guided target is
+    that velocity too). The noise levels are drawn for the global micro-batch from a generator seeded by (seed,
+    step, micro-batch) alone, each rank taking its own rows as the sampler deals them: a resumed run, or one on
+    several ranks, draws the same levels."""
+    from .loss import reflow_targets, sample_timesteps
+
+    noise, final = targets.reflow_pairs()
+    index = batch["trajectory"]
+    key = hashlib.sha256(f"reflow:{seed}:{step}:{micro}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+    timesteps = sample_timesteps(len(index) * rt.world_size, generator=generator, distribution="uniform")
+    timesteps = timesteps[rt.rank::rt.world_size]
+    latents, velocity = reflow_targets(final[index], noise[index], timesteps)
+    return {**batch, "latents": latents, "timesteps": timesteps, "v_cond": velocity, "v_uncond": velocity}
+
+
 def _stop_if_not_finite(parts: dict, step: int, rt: _Dist) -> None:
     """Stop every rank together on a non-finite loss: a rank that stopped alone would leave the others waiting in
     DDP's all-reduce. The ranks agree first, so all raise the same message before any bad step is applied."""
@@ -901,17 +949,19 @@ class _Samples:
                  height: int, width: int, sample_dir: Path, teacher=None):
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
 
-        from .pipeline import WanLitePipeline
+        from .pipeline import WanLitePipeline, few_step_scheduler
         from .teacher import read_model_index
 
         self.cfg, self.prompts, self.embeds, self.dir = cfg, prompts, embeds, sample_dir
         self.paths, self.grids = [], []  # what this run wrote
         self.steps = cfg.sample_steps or cfg.num_inference_steps
         vae = AutoencoderKLWan.from_pretrained(teacher_source, subfolder="vae").eval().requires_grad_(False)
-        scheduler = UniPCMultistepScheduler.from_pretrained(teacher_source, subfolder="scheduler")
+        scheduler = (few_step_scheduler() if cfg.objective == "reflow"
+                     else UniPCMultistepScheduler.from_pretrained(teacher_source, subfolder="scheduler"))
         expand = bool(read_model_index(Path(teacher_source)).get("expand_timesteps"))
         vae.to(next(student.parameters()).device)
-        self.pipe = WanLitePipeline(transformer=student, vae=vae, scheduler=scheduler, expand_timesteps=expand)
+        self.pipe = WanLitePipeline(transformer=student, vae=vae, scheduler=scheduler, expand_timesteps=expand,
+                                    few_step=cfg.objective == "reflow")
         self.pipe.set_progress_bar_config(disable=True)
         scale = self.pipe.vae_scale_factor
         generator = torch.Generator().manual_seed(cfg.seed + 12345)
@@ -1059,11 +1109,13 @@ def _export(cfg: DistillConfig, rt: _Dist, out: Path, run: _RunInputs, tr: _Trai
 
 def _export_pipeline(out: Path, student_path: Path, teacher, cfg: DistillConfig) -> Path:
     """`out/pipeline`: the student (EMA weights when kept) with the teacher's other components, ready to sample.
-    Guided targets (cfg_distill with the teacher's CFG on) make a CFG-distilled student. A resumed run replaces
-    the pipeline its earlier part wrote, as it replaces the student."""
+    Guided targets (cfg_distill with the teacher's CFG on) make a CFG-distilled student; a reflowed student samples
+    with the few-step Euler scheduler. A resumed run replaces the pipeline its earlier part wrote, as it replaces
+    the student."""
     from .pipeline import PIPELINE_DIR, export_pipeline
 
     return export_pipeline(out / PIPELINE_DIR, student_path, teacher.source,
                            cfg_distilled=cfg.cfg_distill and teacher.guidance_scale > 1,
-                           teacher_guidance_scale=teacher.guidance_scale, overwrite=cfg.resume)
+                           teacher_guidance_scale=teacher.guidance_scale, overwrite=cfg.resume,
+                           few_step=cfg.objective == "reflow")
 

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .flow import (
-    DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, guided_velocity, shift_sigma, sigma_from_timestep, timestep_from_sigma,
+    DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, add_noise, guided_velocity, shift_sigma, sigma_from_timestep, timestep_from_sigma,
     unshift_sigma,
 )
 
@@ -91,6 +91,14 @@ def sample_timesteps(
 
 
 # --- targets and losses -----------------------------------------------------------------------------------
+
+
+def reflow_targets(x0: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rectified flow's (reflow's) training point for pairs (x0, noise), such as a teacher trajectory's final latent
+    and the noise it started from: the straight path's point at `timestep`, ``x_t = (1 - sigma) * x0 + sigma *
+    noise`` (`flow.add_noise`), and its constant velocity ``noise - x0`` (Wan's convention, what the student
+    predicts). A student that learns these paths samples in a few Euler steps."""
+    return add_noise(x0, noise, timestep), noise - x0
 
 
 def _min_snr_mean() -> float:

@@ -18,14 +18,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKLWan, DiffusionPipeline, ImagePipelineOutput, WanPipeline
+from diffusers import (
+    AutoencoderKLWan, DiffusionPipeline, FlowMatchEulerDiscreteScheduler, ImagePipelineOutput, WanPipeline,
+)
 from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils.torch_utils import get_module_execution_device, randn_tensor
 
 # Imported here so that `WanLitePipeline.from_pretrained` finds the student's and the 2D VAE's classes: diffusers
 # resolves the custom components "wandistiller.model" and "wandistiller.vae2d" in model_index.json from the
 # already-imported modules.
-from .flow import MAX_SEQUENCE_LENGTH, guided_velocity, per_token_timesteps
+from .flow import MAX_SEQUENCE_LENGTH, NUM_TRAIN_TIMESTEPS, guided_velocity, per_token_timesteps
 from .model import WanLiteTransformer2DModel
 from .teacher import read_json
 from .vae2d import WanVAE2D, vae_to_2d
@@ -57,6 +59,9 @@ class WanLitePipeline(DiffusionPipeline):
             The student learned the teacher's guided velocity, so sampling skips guidance by default.
         teacher_guidance_scale (`float`, *optional*):
             The default guidance of a student that is not CFG-distilled (its teacher's scale); None: 1.0.
+        few_step (`bool`, defaults to `False`):
+            The student was reflowed (straight paths): n sampling steps go through the evenly spaced noise levels
+            1, 1 - 1/n, ..., 1/n, then 0, with a flow-matching Euler scheduler (`few_step_scheduler()`).
     """
 
     model_cpu_offload_seq = "text_encoder->transformer->vae"
@@ -68,7 +73,7 @@ class WanLitePipeline(DiffusionPipeline):
 
     def __init__(self, transformer: WanLiteTransformer2DModel, vae, scheduler, tokenizer=None, text_encoder=None,
                  expand_timesteps: bool = False, cfg_distilled: bool = True,
-                 teacher_guidance_scale: float | None = None):
+                 teacher_guidance_scale: float | None = None, few_step: bool = False):
         super().__init__()
         if transformer.config.in_channels != vae.config.z_dim:
             raise ValueError(f"the student takes {transformer.config.in_channels} latent channels but the VAE makes "
@@ -76,29 +81,30 @@ class WanLitePipeline(DiffusionPipeline):
         self.register_modules(transformer=transformer, vae=vae, scheduler=scheduler, tokenizer=tokenizer,
                               text_encoder=text_encoder)
         self.register_to_config(expand_timesteps=expand_timesteps, cfg_distilled=cfg_distilled,
-                                teacher_guidance_scale=teacher_guidance_scale)
+                                teacher_guidance_scale=teacher_guidance_scale, few_step=few_step)
         self.vae_scale_factor = vae.config.scale_factor_spatial
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale_factor)
 
     @classmethod
     def from_teacher(cls, teacher, student: WanLiteTransformer2DModel, scheduler=None, *, vae_2d: bool = False,
-                     cfg_distilled: bool = True, teacher_guidance_scale: float | None = None) -> "WanLitePipeline":
+                     cfg_distilled: bool = True, teacher_guidance_scale: float | None = None,
+                     few_step: bool = False) -> "WanLitePipeline":
         """A pipeline for `student` sharing the teacher's VAE, tokenizer and text encoder.
 
         `teacher` is a `Teacher` (see `load_teacher`) or a WanPipeline. `scheduler` defaults to a fresh copy of
-        the teacher's scheduler (same class and config). `vae_2d` swaps the VAE for its exact 2D form.
+        the teacher's scheduler (same class and config), or with `few_step` to `few_step_scheduler()`. `vae_2d` swaps the VAE for its exact 2D form.
         `teacher_guidance_scale` defaults to a `Teacher`'s own scale. A released text encoder stays None: the
         pipeline then needs `prompt_embeds` (e.g. from `Teacher.encode_prompts`).
         """
         wan = getattr(teacher, "pipe", teacher)
         if scheduler is None:
-            scheduler = type(wan.scheduler).from_config(wan.scheduler.config)
+            scheduler = few_step_scheduler() if few_step else type(wan.scheduler).from_config(wan.scheduler.config)
         if teacher_guidance_scale is None and wan is not teacher:
             teacher_guidance_scale = teacher.guidance_scale
         return cls(transformer=student, vae=vae_to_2d(wan.vae) if vae_2d else wan.vae, scheduler=scheduler,
                    tokenizer=wan.tokenizer, text_encoder=wan.text_encoder,
                    expand_timesteps=bool(wan.config.get("expand_timesteps", False)), cfg_distilled=cfg_distilled,
-                   teacher_guidance_scale=teacher_guidance_scale)
+                   teacher_guidance_scale=teacher_guidance_scale, few_step=few_step)
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs) -> "WanLitePipeline":
@@ -252,12 +258,20 @@ class WanLitePipeline(DiffusionPipeline):
             prompt, negative_prompt, guidance_scale > 1.0, prompt_embeds, negative_prompt_embeds, max_sequence_length,
             device,
         )
-        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        self._set_timesteps(num_inference_steps, device)
         latents = self.prepare_latents(batch_size, height, width, device, generator, latents)
         latents = self._denoise(latents, prompt_embeds, negative_prompt_embeds, guidance_scale, device)
         images = latents if output_type == "latent" else self.decode_latents(latents, output_type)
         self.maybe_free_model_hooks()
         return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+    def _set_timesteps(self, num_inference_steps: int, device) -> None:
+        """The scheduler's own steps, or for a few-step student the evenly spaced noise levels 1, ..., 1/n."""
+        if not self.config.get("few_step", False):
+            self.scheduler.set_timesteps(num_inference_steps, device=device)
+            return
+        sigmas = torch.linspace(1, 0, num_inference_steps + 1, dtype=torch.float64)[:-1]
+        self.scheduler.set_timesteps(sigmas=sigmas.tolist(), device=device)
 
     def _image_size(self, latents, height, width) -> tuple:
         """(latents without a frame axis, height, width): the size from the arguments, the latents or the default."""
@@ -293,6 +307,15 @@ class WanLitePipeline(DiffusionPipeline):
         return latents
 
 
+def few_step_scheduler() -> FlowMatchEulerDiscreteScheduler:
+    """The sampler of a reflowed (few-step) student: flow-matching Euler with straight noise levels (shift 1), n
+    steps from sigma 1 evenly down to 0. Reflow straightens the student's paths from noise to image, so a few
+    Euler steps follow them; Wan's shift would crowd those steps at high noise. (`WanLitePipeline` with
+    `few_step=True` gives it the noise levels 1, 1 - 1/n, ..., 1/n: the scheduler's own spacing ends at 1/1000,
+    which would waste one of a few steps.)"""
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=NUM_TRAIN_TIMESTEPS, shift=1.0)
+
+
 def check_pipeline_folder(folder: str | Path) -> Path:
     """`folder` if it holds a saved Wan-Lite pipeline with every component's subfolder; else a one-line error."""
     folder = Path(folder)
@@ -315,10 +338,12 @@ def check_pipeline_folder(folder: str | Path) -> Path:
 
 def export_pipeline(folder: str | Path, student: WanLiteTransformer2DModel | str | Path, teacher_source: str | Path,
                     *, cfg_distilled: bool, teacher_guidance_scale: float | None = None, vae_2d: bool = True,
-                    overwrite: bool = False) -> Path:
+                    overwrite: bool = False, few_step: bool = False) -> Path:
     """Write a self-contained WanLitePipeline to `folder`: `student` (a model or its saved folder) with the
     tokenizer, text encoder, VAE (its exact 2D form unless `vae_2d=False`) and scheduler of the Wan pipeline in
-    `teacher_source` (a local folder; the teacher's transformers are not loaded).
+    `teacher_source` (a local folder; the teacher's transformers are not loaded). A reflowed student
+    (`few_step=True`) gets `few_step_scheduler()` instead of the teacher's scheduler, and the folder records it,
+    so that loading it samples in few Euler steps by default.
 
     The folder appears atomically (written under a temporary name, then renamed), so it is either complete or
     absent; an existing one is replaced only with `overwrite=True`. Returns `folder`.
@@ -332,5 +357,5 @@ def export_pipeline(folder: str | Path, student: WanLiteTransformer2DModel | str
         student = WanLiteTransformer2DModel.from_pretrained(student)
     wan = WanPipeline.from_pretrained(teacher_source, transformer=None, transformer_2=None)
     pipe = WanLitePipeline.from_teacher(wan, student, vae_2d=vae_2d, cfg_distilled=cfg_distilled,
-                                        teacher_guidance_scale=teacher_guidance_scale)
+                                        teacher_guidance_scale=teacher_guidance_scale, few_step=few_step)
     return write_pipeline(pipe, folder, overwrite=overwrite)

@@ -129,13 +129,15 @@ def cache_bytes_per_prompt(*, latent_channels: int, latent_hw: tuple[int, int], 
     """Bytes a prompt takes in the target cache as `cache.build_target_cache` writes it (float32).
 
     Per recorded step: the input latents, `v_cond` and `v_uncond` (C×h×w each), the timestep and guidance
-    (float32) and the prompt index (int64). Per prompt: its embeddings padded to 512 tokens, kept in
-    `prompt_embeds.safetensors` and in the prompt-embedding cache.
+    (float32), the prompt index and the trajectory id (int64). Per trajectory: its final latents and prompt index.
+    Per prompt: its embeddings padded to 512 tokens, kept in `prompt_embeds.safetensors` and in the
+    prompt-embedding cache.
     """
     latent = latent_channels * latent_hw[0] * latent_hw[1] * FLOAT32_BYTES
-    per_step = 3 * latent + 2 * FLOAT32_BYTES + 8
+    per_step = 3 * latent + 2 * FLOAT32_BYTES + 2 * 8
+    per_trajectory = num_inference_steps * per_step + latent + 8
     embeddings = 2 * flow.MAX_SEQUENCE_LENGTH * text_dim * FLOAT32_BYTES
-    return num_inference_steps * trajectories_per_prompt * per_step + embeddings
+    return trajectories_per_prompt * per_trajectory + embeddings
 
 
 def make_plan(teacher_path: str = "tiny", data_path: str | Path | None = None, *, height: int = 512, width: int = 512,

@@ -1,0 +1,145 @@
+"""Few-step students (issue 13): the reflow objective on the recorded teacher trajectories and the few-step sampler."""
+
+import json
+
+import pytest
+import torch
+
+import wandistiller.teacher
+from wandistiller.cache import build_target_cache, load_target_cache
+from wandistiller.data import TargetSpec, _prompt_noise, read_prompts, record_trajectories
+from wandistiller.loops import _Dist, _reflow_batch, distill
+from wandistiller.model import WanLiteTransformer2DModel
+from wandistiller.teacher import load_teacher, read_teacher_info
+
+PROMPTS = ["a red fox sitting in fresh snow", "a lighthouse on a rocky coast", "a bowl of ramen"]
+SMALL = {"hidden_size": 16, "depth": 2, "num_heads": 1, "image_size": 64}
+STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def trajectories(tmp_path_factory):
+    """A trajectory cache of 3 prompts x 2 trajectories x 4 steps on the tiny teacher, shards of 2 prompts."""
+    root = tmp_path_factory.mktemp("reflow_cache")
+    teacher = load_teacher("tiny", device_strategy="cpu", load_experts=False, cache_dir=root / "embeds")
+    spec = TargetSpec(num_inference_steps=STEPS, trajectories_per_prompt=2, shard_prompts=2)
+    build_target_cache(teacher, PROMPTS, root / "cache", spec, progress=False)
+    targets, _ = load_target_cache(root / "cache", teacher.fingerprint, spec, PROMPTS)
+    return teacher, spec, targets
+
+
+def test_cached_pairs_are_the_teachers_noise_and_its_samplers_final_latents(trajectories):
+    teacher, spec, targets = trajectories
+    noise, final = targets.reflow_pairs()
+    assert noise.shape == final.shape == (len(PROMPTS) * 2, 16, 8, 8)
+    # trajectory j of prompt i (id 2 i + j) started from that prompt's noise sample j ...
+    expected_noise = torch.cat([_prompt_noise(teacher, spec, i, j) for i in range(3) for j in range(2)])
+    torch.testing.assert_close(noise, expected_noise[:, :, 0], rtol=0, atol=0)
+    # ... and ended at the final latents of the teacher's own sampler run again here from that noise
+    embeds, negative = teacher.encode_prompts(PROMPTS, negative="")
+    _, expected_final = record_trajectories(teacher, embeds.repeat_interleave(2, 0),
+                                            negative[:1].expand(6, -1, -1), expected_noise, spec, progress=False)
+    torch.testing.assert_close(final, expected_final[:, :, 0], rtol=0, atol=0)
+    # every record names its trajectory, whose prompt is the record's prompt
+    t = targets.tensors
+    assert torch.equal(t["trajectory"] // 2, t["prompt_index"])
+    assert torch.equal(torch.bincount(t["trajectory"]), torch.full((6,), STEPS))
+
+
+def test_reflow_batch_is_the_straight_path_between_the_pairs(trajectories):
+    _, _, targets = trajectories
+    noise, final = targets.reflow_pairs()
+    rows = [0, 5, 11, 17, 23]
+    batch = {key: value[rows] for key, value in targets.tensors.items()}
+    out = _reflow_batch(batch, targets, seed=3, step=7, micro=1, rt=_Dist())
+    # by hand, from the cached pairs: sigma = t / 1000, x_t = (1 - sigma) x0 + sigma z, target z - x0
+    z, x0 = noise[batch["trajectory"]], final[batch["trajectory"]]
+    t = out["timesteps"]
+    assert t.dtype == torch.float32 and ((t > 0) & (t < 1000)).all() and len(set(t.tolist())) == len(rows)
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    torch.testing.assert_close(out["latents"], (1 - sigma) * x0 + sigma * z, rtol=0, atol=0)
+    torch.testing.assert_close(out["v_cond"], z - x0, rtol=0, atol=0)
+    torch.testing.assert_close(out["v_uncond"], z - x0, rtol=0, atol=0)  # so the guided target is z - x0 too
+    assert torch.equal(out["prompt_index"], batch["prompt_index"])
+    # the noise levels are a function of (seed, step, micro-batch): the same again, others elsewhere
+    again = _reflow_batch(batch, targets, seed=3, step=7, micro=1, rt=_Dist())
+    assert torch.equal(again["timesteps"], t)
+    for other in (dict(seed=4, step=7, micro=1), dict(seed=3, step=8, micro=1), dict(seed=3, step=7, micro=0)):
+        assert not torch.equal(_reflow_batch(batch, targets, rt=_Dist(), **other)["timesteps"], t)
+    # two ranks, each with the rows the sampler deals it, draw what one process draws for the whole batch
+    whole = {key: value[rows + rows[:1]] for key, value in targets.tensors.items()}
+    levels = _reflow_batch(whole, targets, seed=3, step=7, micro=1, rt=_Dist())["timesteps"]
+    for rank in (0, 1):
+        part = {key: value[rank::2] for key, value in whole.items()}
+        got = _reflow_batch(part, targets, seed=3, step=7, micro=1, rt=_Dist(rank=rank, world_size=2))
+        assert torch.equal(got["timesteps"], levels[rank::2])
+
+
+def test_reflow_from_a_velocity_student_exports_the_few_step_pipeline(tmp_path):
+    """A velocity run, then reflow from its student on its cache: the first reflow step's loss is the straight-path
+    loss computed here by hand; the reflow pipeline samples with Euler at shift 1 by default, the velocity one with
+    the teacher's scheduler."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, UniPCMultistepScheduler
+
+    from wandistiller.pipeline import WanLitePipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]), encoding="utf-8")
+    common = dict(data_path=str(prompts), student_config=SMALL, num_inference_steps=STEPS, batch_size=4,
+                  max_steps=2, lr=1e-3, ema_decay=0, progress=False, save_samples=False,
+                  cache_dir=str(tmp_path / "cache"))
+    velocity = distill(output_dir=str(tmp_path / "velocity"), student_init="random", **common)
+    reflow = distill(output_dir=str(tmp_path / "reflow"), student_init=str(velocity.student_path),
+                     objective="reflow", **common)
+    assert json.loads((tmp_path / "reflow" / "distill_config.json").read_text())["objective"] == "reflow"
+
+    # the first step by hand: the loop's first batch (its sampler, seed 0, epoch 0) on the straight paths
+    spec = TargetSpec(num_inference_steps=STEPS, height=64, width=64)
+    targets, _ = load_target_cache(tmp_path / "cache", read_teacher_info("tiny").fingerprint(), spec,
+                                   read_prompts(prompts))
+    sampler = torch.utils.data.DistributedSampler(targets, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
+    sampler.set_epoch(0)
+    batch = next(iter(torch.utils.data.DataLoader(targets, batch_size=4, sampler=sampler, drop_last=True)))
+    t = _reflow_batch(batch, targets, seed=0, step=0, micro=0, rt=_Dist())["timesteps"]
+    noise, final = targets.reflow_pairs()
+    z, x0 = noise[batch["trajectory"]], final[batch["trajectory"]]
+    sigma = (t / 1000).view(-1, 1, 1, 1)
+    student = WanLiteTransformer2DModel.from_pretrained(velocity.student_path)
+    with torch.no_grad():
+        pred = student((1 - sigma) * x0 + sigma * z, t, targets.prompt_embeds[batch["prompt_index"]]).sample
+    # mean over each sample, then over the batch, as loss.velocity_loss reduces
+    assert reflow.metrics[0]["loss"] == float((pred.float() - (z - x0)).pow(2).flatten(1).mean(1).mean())
+
+    few = WanLitePipeline.from_pretrained(tmp_path / "reflow" / "pipeline")
+    assert isinstance(few.scheduler, FlowMatchEulerDiscreteScheduler) and few.scheduler.config.shift == 1.0
+    few.set_progress_bar_config(disable=True)
+    embeds, start = targets.prompt_embeds[:1], noise[:1]
+    latents = few(prompt_embeds=embeds, latents=start, num_inference_steps=2, output_type="latent").images
+    assert few.scheduler.sigmas.tolist() == [1.0, 0.5, 0.0]  # two Euler steps of half the straight path each
+    # by hand: x <- x + (sigma_next - sigma) v at sigma 1 and 1/2, one forward each (a CFG-distilled student)
+    with torch.no_grad():
+        x = start + (0.5 - 1.0) * few.transformer(start, torch.tensor([1000.0]), embeds).sample
+        x = x + (0.0 - 0.5) * few.transformer(x, torch.tensor([500.0]), embeds).sample
+    torch.testing.assert_close(latents, x, rtol=0, atol=0)
+    assert few.config.few_step and few.config.cfg_distilled
+    slow = WanLitePipeline.from_pretrained(tmp_path / "velocity" / "pipeline")
+    assert isinstance(slow.scheduler, UniPCMultistepScheduler) and not slow.config.few_step
+
+
+@pytest.mark.parametrize("params, message", [
+    (dict(latent_source="noise"), r"^objective='reflow' trains on the \(noise, final latent\) pairs .*: set "
+                                  r"latent_source='trajectory' \(got 'noise'\)$"),
+    (dict(latent_source="images", images_path="/no/such"), "set latent_source='trajectory' \\(got 'images'\\)"),
+    (dict(teacher_targets="online"), "without the teacher: set teacher_targets='cache'"),
+    (dict(cfg_distill=False), "drop cfg_distill=False"),
+    (dict(objective="consistency"), "objective must be one of velocity, reflow, got 'consistency'"),
+])
+def test_reflow_without_recorded_trajectories_is_refused_in_one_line(tmp_path, monkeypatch, params, message):
+    def refuse(*args, **kwargs):
+        raise AssertionError("the teacher was loaded before the configuration was checked")
+
+    monkeypatch.setattr(wandistiller.teacher, "load_teacher", refuse)
+    with pytest.raises(ValueError, match=message) as err:
+        distill(**{"objective": "reflow", "output_dir": str(tmp_path / "run"), "progress": False, **params})
+    assert "\n" not in str(err.value)
+    assert not (tmp_path / "run").exists()
