@@ -23,6 +23,7 @@ import torch
 
 from wandistiller import Callback, WanLiteTransformer2DModel, distill, load_teacher
 from wandistiller.data import read_prompts
+from wandistiller.flow import guided_velocity
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -66,7 +67,7 @@ def bare_steps(student_path: Path, teacher, prompts: list[str], args, extras: bo
         x = torch.randn(shape, generator=g)
         t = torch.rand(args.batch_size, generator=g) * 1000
         v_cond, v_uncond = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
-        target = v_uncond + 5.0 * (v_cond - v_uncond)
+        target = guided_velocity(v_cond, v_uncond, 5.0)
         start = time.perf_counter()
         loss = torch.nn.functional.mse_loss(model(x, t, embeds).sample.float(), target)
         optimizer.zero_grad(set_to_none=True)
