@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from wandistiller.evaluate import compare_speed_and_size, find_pipeline, find_student, forward_flops, num_params
 from wandistiller.model import WanLiteTransformer2DModel
@@ -79,3 +80,36 @@ def test_evaluation_holds_one_teacher_expert_at_a_time(monkeypatch):
     assert [len(images[k]) for k in ("teacher", "student")] == [2, 2]
     compare_speed_and_size(teacher, pipe, height=64, width=64, num_inference_steps=2, repeats=1)
     assert resident and max(resident) == 1
+
+
+def test_expert_images_are_each_expert_alone_and_the_teachers_own_sampling(tiny_teacher):
+    """Each row against WanPipeline itself: with no boundary it runs `transformer` (high noise) at every step;
+    with `transformer_2` in its place and its guidance, the low-noise expert; as configured, the teacher."""
+    import numpy as np
+    from diffusers import WanPipeline
+
+    from wandistiller.evaluate import expert_images
+
+    prompts, steps = ["a red circle", "a blue square"], 3
+    rows = expert_images(tiny_teacher, prompts, height=64, width=64, num_inference_steps=steps, seed=3)
+    high, low = tiny_teacher.expert_for_role("high_noise"), tiny_teacher.expert_for_role("low_noise")
+    assert list(rows) == [f"high-noise expert ({high}) alone", f"low-noise expert ({low}) alone", "both (the teacher)"]
+    experts = tiny_teacher.load_all_experts()
+    components = dict(tiny_teacher.pipe.components)
+
+    def wan(transformer, transformer_2, boundary_ratio, guidance):
+        pipe = WanPipeline(**{**components, "transformer": transformer, "transformer_2": transformer_2},
+                           boundary_ratio=boundary_ratio)
+        pipe.set_progress_bar_config(disable=True)
+        frames = pipe(prompt=prompts, negative_prompt="", height=64, width=64, num_frames=1,
+                      num_inference_steps=steps, guidance_scale=guidance[0], guidance_scale_2=guidance[1],
+                      generator=torch.Generator().manual_seed(3), output_type="np").frames
+        return (frames[:, 0] * 255).round()
+
+    g_high, g_low = tiny_teacher.guidance_for_expert(high), tiny_teacher.guidance_for_expert(low)
+    expected = [wan(experts[high], None, None, (g_high, None)), wan(experts[low], None, None, (g_low, None)),
+                wan(experts[high], experts[low], tiny_teacher.pipe.config.boundary_ratio, (g_high, g_low))]
+    for (label, images), reference in zip(rows.items(), expected):
+        got = np.stack([np.asarray(im, dtype=np.float64) for im in images])
+        assert np.abs(got - reference).max() <= 1, label  # float rounding only: one 8-bit level
+    assert any(np.asarray(a).tolist() != np.asarray(b).tolist() for a, b in zip(*list(rows.values())[:2]))

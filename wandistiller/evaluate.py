@@ -100,6 +100,33 @@ def teacher_and_student_images(teacher, student_pipe, prompts: list[str], *, hei
     return {"teacher": student_pipe.decode_latents(final[:, :, 0]), "student": student_images}
 
 
+@torch.no_grad()
+def expert_images(teacher, prompts: list[str], *, height: int, width: int, num_inference_steps: int,
+                  seed: int = 0) -> dict:
+    """What each expert draws, from the same noise: PIL images for `prompts` in rows "high-noise expert (<name>)
+    alone", "low-noise expert (<name>) alone" and "both (the teacher)". Alone, an expert runs every step of the
+    teacher's sampler (scheduler and guidance); "both" is the teacher's own sampling, one expert above the
+    boundary and the other below it. A single-expert teacher gives one row, "the teacher"."""
+    from diffusers.image_processor import VaeImageProcessor
+
+    from .data import TargetSpec, record_trajectories
+    from .pipeline import decode_wan_latents
+
+    noise = _noise(teacher, len(prompts), height, width, seed)
+    embeds, negative = teacher.encode_prompts(prompts, negative="")
+    latents = {}
+    if len(teacher.expert_names) > 1:
+        for role in ("high_noise", "low_noise"):
+            name = teacher.expert_for_role(role)
+            with teacher.only_expert(name):
+                latents[f"{role.replace('_', '-')} expert ({name}) alone"] = _one_expert_sampler(
+                    teacher, name, embeds, negative, noise, num_inference_steps)()
+    _, latents["both (the teacher)" if latents else "the teacher"] = record_trajectories(
+        teacher, embeds, negative, noise, TargetSpec(num_inference_steps=num_inference_steps), progress=False)
+    processor = VaeImageProcessor(vae_scale_factor=teacher.vae_scale_factor)
+    return {label: decode_wan_latents(teacher.pipe.vae, z[:, :, 0], processor) for label, z in latents.items()}
+
+
 def _one_expert_sampler(teacher, name: str, embeds, negative, noise, num_inference_steps: int):
     """`sample()`: the teacher's sampler (its scheduler and guidance) with expert `name` at every step, from
     prompt embeddings to latents. It costs what WanPipeline's image costs (A14B's two experts have the same

@@ -37,6 +37,19 @@ DEFAULT_IMAGE_SIZE = 64
 PIPELINE_DIR = "pipeline"  # the folder under a distillation run's output_dir that `distill` exports
 
 
+def decode_wan_latents(vae, latents: torch.Tensor, image_processor: VaeImageProcessor, output_type: str = "pil"):
+    """Images from normalised (B, C, h, w) latents, de-normalised exactly as WanPipeline does, so the pixels match
+    bit for bit; a 3D Wan VAE decodes them as one-frame videos, its 2D form (`WanVAE2D`) as images."""
+    is_3d = isinstance(vae, AutoencoderKLWan)
+    latents = (latents.unsqueeze(2) if is_3d else latents).to(get_module_execution_device(vae), dtype=vae.dtype)
+    shape = (1, vae.config.z_dim) + (1,) * (latents.ndim - 2)
+    latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
+    latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
+    latents = latents / latents_std + latents_mean  # WanPipeline's arithmetic
+    images = vae.decode(latents, return_dict=False)[0]
+    return image_processor.postprocess(images[:, :, 0] if is_3d else images, output_type=output_type)
+
+
 class WanLitePipeline(DiffusionPipeline):
     r"""
     Text-to-image generation with a Wan-Lite student.
@@ -196,15 +209,7 @@ class WanLitePipeline(DiffusionPipeline):
     # --- outputs ---------------------------------------------------------------------------------------------
     def decode_latents(self, latents: torch.Tensor, output_type: str = "pil"):
         """Decode (B, C, h, w) latents, de-normalised exactly as WanPipeline does; a 3D VAE gets one frame."""
-        vae = self.vae
-        is_3d = isinstance(vae, AutoencoderKLWan)
-        latents = (latents.unsqueeze(2) if is_3d else latents).to(get_module_execution_device(vae), dtype=vae.dtype)
-        shape = (1, vae.config.z_dim) + (1,) * (latents.ndim - 2)
-        latents_mean = torch.tensor(vae.config.latents_mean).view(shape).to(latents.device, latents.dtype)
-        latents_std = 1.0 / torch.tensor(vae.config.latents_std).view(shape).to(latents.device, latents.dtype)
-        latents = latents / latents_std + latents_mean  # WanPipeline's arithmetic, so the pixels match bit for bit
-        images = vae.decode(latents, return_dict=False)[0]
-        return self.image_processor.postprocess(images[:, :, 0] if is_3d else images, output_type=output_type)
+        return decode_wan_latents(self.vae, latents, self.image_processor, output_type)
 
     # --- sampling --------------------------------------------------------------------------------------------
     @torch.no_grad()
