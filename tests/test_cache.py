@@ -1,23 +1,29 @@
-"""The teacher target cache (wandistiller.cache): resumable, split across ranks, tied to teacher, spec and prompts."""
+"""The teacher target cache (wandistiller.cache): resumable, split across ranks, tied to teacher, spec and prompts;
+compact (prompt embeddings once, cut to their true length; one velocity; bf16)."""
 
 import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
-from wandistiller.cache import build_target_cache, load_target_cache
+from wandistiller.cache import (
+    CACHE_FORMAT, build_target_cache, cache_bytes_per_prompt, load_target_cache, open_target_cache,
+)
 from wandistiller.data import TargetSpec
+from wandistiller.flow import guided_velocity
 from wandistiller.teacher import load_teacher
 
 PROMPTS = ["a red fox sitting in fresh snow", "a lighthouse on a rocky coast", "a bowl of ramen"]
 # What a shard holds per target: the point, its prompt and trajectory, and the teacher's answer there (what the loop
-# trains on); per trajectory (TargetSet.trajectories) it also holds the final latents, reflow's pairs.
-SHARD_KEYS = {"latents", "timesteps", "prompt_index", "trajectory", "v_cond", "v_uncond", "guidance"}
+# trains on: with cfg_distill the guided velocity alone); per trajectory (TargetSet.trajectories) it also holds the
+# final latents, reflow's pairs.
+SHARD_KEYS = {"latents", "timesteps", "prompt_index", "trajectory", "velocity", "guidance"}
 
 
 @pytest.fixture()
-def lazy_teacher(tmp_path):
-    return load_teacher("tiny", device_strategy="cpu", load_experts=False, cache_dir=tmp_path / "embeds")
+def lazy_teacher():
+    return load_teacher("tiny", device_strategy="cpu", load_experts=False)
 
 
 def test_cache_is_resumable_split_by_rank_and_refuses_other_settings(lazy_teacher, tmp_path):
@@ -38,8 +44,102 @@ def test_cache_is_resumable_split_by_rank_and_refuses_other_settings(lazy_teache
     whole = tmp_path / "whole"
     build_target_cache(lazy_teacher, PROMPTS, whole, spec, progress=False)
     same, _ = load_target_cache(whole, lazy_teacher.fingerprint, spec, PROMPTS)
-    for key in targets.tensors:
-        torch.testing.assert_close(targets.tensors[key], same.tensors[key], rtol=0, atol=1e-5)
+    for key in targets.tensors:  # reduction order (other batches) only, which may move a bf16 value by one step
+        torch.testing.assert_close(targets.tensors[key], same.tensors[key], rtol=2**-7, atol=1e-5)
     with pytest.raises(ValueError, match="made with other prompts: pass overwrite=True"):
         build_target_cache(lazy_teacher, PROMPTS[:2], cache, spec, progress=False)
+    with pytest.raises(ValueError, match=r"other target settings \(dtype: 'bfloat16' in the cache, 'float32' wanted\)"):
+        load_target_cache(cache, lazy_teacher.fingerprint, TargetSpec(num_inference_steps=4, shard_prompts=1,
+                                                                      dtype="float32"), PROMPTS)
     assert json.loads((cache / "manifest.json").read_text())["prompts"] == PROMPTS
+
+
+def test_prompt_embeddings_are_stored_once_at_their_true_length_and_come_back_exactly(lazy_teacher, tmp_path):
+    spec = TargetSpec(num_inference_steps=2, shard_prompts=2)
+    build_target_cache(lazy_teacher, PROMPTS, tmp_path / "cache", spec, progress=False)
+    targets, manifest = load_target_cache(tmp_path / "cache", lazy_teacher.fingerprint, spec, PROMPTS)
+    embeds, negative = lazy_teacher.encode_prompts(PROMPTS, negative="")
+    torch.testing.assert_close(targets.prompt_embeds, embeds, rtol=0, atol=0)  # WanPipeline's padded tensors
+    torch.testing.assert_close(targets.negative_embeds, negative[:1], rtol=0, atol=0)
+    # on disk: each prompt once, its true tokens only (the tokenizer's count, end-of-text included)
+    tokenizer = lazy_teacher.pipe.tokenizer
+    true_lengths = [int(tokenizer(p, max_length=512, truncation=True).attention_mask.count(1)) for p in PROMPTS]
+    stored = [load_file(tmp_path / "cache" / s["text"]) for s in manifest["shards"]]
+    assert torch.cat([s["lengths"] for s in stored]).tolist() == true_lengths
+    assert sum(len(s["tokens"]) for s in stored) == sum(true_lengths) < 512
+    assert sorted(p.name for p in (tmp_path / "cache").glob("*.safetensors")) == [
+        "negative_embeds.safetensors", "shard_00000.safetensors", "shard_00001.safetensors",
+        "text_00000.safetensors", "text_00001.safetensors"]
+
+
+def test_the_kept_velocity_and_dtype_are_the_full_answers_rounded(lazy_teacher, tmp_path):
+    """One cache with v_cond and v_uncond in float32, others with one velocity in bf16 or float32: the same
+    targets, reduced exactly as the loss reduces them (flow.guided_velocity), then rounded to the cache dtype."""
+    full_spec = TargetSpec(num_inference_steps=4, velocity="both", dtype="float32")
+    build_target_cache(lazy_teacher, PROMPTS, tmp_path / "full", full_spec, progress=False)
+    full = load_target_cache(tmp_path / "full", lazy_teacher.fingerprint, full_spec, PROMPTS)[0].tensors
+    guided = guided_velocity(full["v_cond"], full["v_uncond"], full["guidance"])
+    for velocity, dtype, expected in (("guided", "bfloat16", guided), ("conditional", "bfloat16", full["v_cond"]),
+                                      ("guided", "float32", guided)):
+        spec = TargetSpec(num_inference_steps=4, velocity=velocity, dtype=dtype)
+        build_target_cache(lazy_teacher, PROMPTS, tmp_path / f"{velocity}-{dtype}", spec, progress=False)
+        shard = load_file(tmp_path / f"{velocity}-{dtype}" / "shard_00000.safetensors")
+        assert set(shard) == SHARD_KEYS | {"final_latents", "final_prompt_index"}
+        assert shard["velocity"].dtype == shard["latents"].dtype == shard["final_latents"].dtype == getattr(torch, dtype)
+        assert shard["timesteps"].dtype == torch.float32 and torch.equal(shard["timesteps"], full["timesteps"])
+        torch.testing.assert_close(shard["velocity"], expected.to(getattr(torch, dtype)), rtol=0, atol=0)
+        torch.testing.assert_close(shard["latents"], full["latents"].to(getattr(torch, dtype)), rtol=0, atol=0)
+    assert not torch.equal(guided, full["v_cond"])
+
+
+def test_steps_per_trajectory_keeps_evenly_spread_steps_of_both_experts(lazy_teacher, tmp_path):
+    full_spec = TargetSpec(num_inference_steps=8, dtype="float32")
+    some_spec = TargetSpec(num_inference_steps=8, dtype="float32", steps_per_trajectory=3)
+    assert some_spec.kept_steps() == [0, 4, 7]  # round(linspace(0, 7, 3)): the first and the last, one between
+    for name, spec in (("full", full_spec), ("some", some_spec)):
+        build_target_cache(lazy_teacher, PROMPTS, tmp_path / name, spec, progress=False)
+    full, some = (load_target_cache(tmp_path / name, lazy_teacher.fingerprint, spec, PROMPTS)[0]
+                  for name, spec in (("full", full_spec), ("some", some_spec)))
+    assert len(some) == 3 * 3 and len(full) == 3 * 8
+    times = full.tensors["timesteps"][full.tensors["prompt_index"] == 0]
+    steps = sorted(set(times.tolist()), reverse=True)  # the sampler's timesteps, first to last
+    kept = [steps[i] for i in some_spec.kept_steps()]
+    assert sorted(set(some.tensors["timesteps"].tolist()), reverse=True) == kept
+    assert kept[0] >= lazy_teacher.boundary_timestep > kept[-1]  # both experts
+    # the kept records are the full trajectory's own, and the sampler still ran every step: same final latents
+    for row in range(len(some)):
+        match = ((full.tensors["timesteps"] == some.tensors["timesteps"][row])
+                 & (full.tensors["trajectory"] == some.tensors["trajectory"][row]))
+        torch.testing.assert_close(full.tensors["velocity"][match][0], some.tensors["velocity"][row], rtol=0, atol=0)
+    torch.testing.assert_close(full.trajectories["final_latents"], some.trajectories["final_latents"], rtol=0, atol=0)
+    assert torch.equal(full.reflow_pairs()[0], some.reflow_pairs()[0])  # the first step (the noise) is always kept
+    for bad in (1, 9):
+        with pytest.raises(ValueError, match=f"steps_per_trajectory={bad} must be a whole number from 2"):
+            TargetSpec(num_inference_steps=8, steps_per_trajectory=bad)
+    with pytest.raises(ValueError, match="applies to latent_source='trajectory' only"):
+        TargetSpec(latent_source="noise", steps_per_trajectory=2)
+
+
+def test_a_cache_of_an_older_format_is_refused_naming_the_fix(lazy_teacher, tmp_path):
+    spec = TargetSpec(num_inference_steps=2)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / "manifest.json").write_text(json.dumps({"format": 2, "teacher_fingerprint": lazy_teacher.fingerprint}))
+    (cache / "shard_00000.safetensors").write_bytes(b"old")
+    with pytest.raises(ValueError, match=rf"^the target cache {cache} is in cache format 2, from another version of "
+                                         rf"wandistiller \(this one reads format {CACHE_FORMAT}\): pass overwrite=True"):
+        open_target_cache(cache, lazy_teacher.fingerprint, spec, PROMPTS)
+    assert open_target_cache(cache, lazy_teacher.fingerprint, spec, PROMPTS, discard_mismatch=True) == "empty"
+    assert not list(cache.iterdir())
+
+
+def test_bytes_per_prompt_at_the_tiny_defaults_are_what_the_cache_takes(lazy_teacher, tmp_path):
+    """cache_bytes_per_prompt (what plan and the benchmark print) against the files a recording writes."""
+    spec = TargetSpec()
+    sizes = {}
+    for n in (1, 3):
+        build_target_cache(lazy_teacher, PROMPTS[:n], tmp_path / str(n), spec, progress=False)
+        sizes[n] = sum(f.stat().st_size for f in (tmp_path / str(n)).glob("*.safetensors"))
+    tokens = float(load_file(tmp_path / "3" / "text_00000.safetensors")["lengths"][1:].float().mean())
+    computed = cache_bytes_per_prompt(spec, latent_channels=16, latent_hw=(8, 8), text_dim=32, text_tokens=tokens)
+    assert computed == pytest.approx((sizes[3] - sizes[1]) / 2, rel=0.05)

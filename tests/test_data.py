@@ -82,9 +82,10 @@ def test_random_timestep_sources(lazy_teacher, tmp_path, source):
     images.mkdir()
     for i, colour in enumerate(["red", "blue"]):
         Image.new("RGB", (80, 72), colour).save(images / f"{i}.png")
-    spec = TargetSpec(latent_source=source, samples_per_prompt=3, num_inference_steps=4, images_path=str(images))
+    spec = TargetSpec(latent_source=source, samples_per_prompt=3, num_inference_steps=4, images_path=str(images),
+                      velocity="both")
     embeds, negative = lazy_teacher.encode_prompts(PROMPTS, negative="")
-    targets = compute_targets(lazy_teacher, spec, [0, 2], embeds, negative[:1], progress=False)
+    targets = compute_targets(lazy_teacher, spec, [0, 2], embeds[[0, 2]], negative[:1], progress=False)
     assert targets["latents"].shape == (6, 16, 8, 8)
     assert targets["prompt_index"].tolist() == [0, 0, 0, 2, 2, 2]
     t = targets["timesteps"]
@@ -110,9 +111,10 @@ def test_trajectories_without_cfg_are_the_pipelines(lazy_teacher):
 
 def test_several_trajectories_per_prompt(lazy_teacher):
     embeds, negative = lazy_teacher.encode_prompts(PROMPTS, negative="")
-    one = compute_targets(lazy_teacher, TargetSpec(num_inference_steps=4), [0, 2], embeds, negative[:1], progress=False)
-    two = compute_targets(lazy_teacher, TargetSpec(num_inference_steps=4, trajectories_per_prompt=2), [0, 2], embeds,
+    one = compute_targets(lazy_teacher, TargetSpec(num_inference_steps=4, velocity="both"), [0, 2], embeds[[0, 2]],
                           negative[:1], progress=False)
+    two = compute_targets(lazy_teacher, TargetSpec(num_inference_steps=4, trajectories_per_prompt=2, velocity="both"),
+                          [0, 2], embeds[[0, 2]], negative[:1], progress=False)
     assert len(two["timesteps"]) == 2 * 2 * 4 and sorted(two["prompt_index"].tolist()) == [0] * 8 + [2] * 8
     # each prompt's first trajectory is the one a single trajectory per prompt records (its noise sample 0)
     for p in (0, 2):

@@ -84,8 +84,8 @@ def kill_point(where: str, function: str, *, path_arg=None, match: str = "", nth
 
 # In the order a run meets them; each kill interrupts the run that resumed from the kill before.
 KILL_POINTS = {
-    "prompt-embedding cache write": kill_point("safetensors.torch", "save_file", path_arg=1,
-                                               match="prompt_embed_cache", nth=3, when="torn"),
+    "prompt embeddings: second shard": kill_point("safetensors.torch", "save_file", path_arg=1, match="text_00001",
+                                                  when="torn"),
     "teacher forward while recording": kill_point("diffusers:WanTransformer3DModel", "forward", nth=5),
     "target cache: second shard": kill_point("safetensors.torch", "save_file", path_arg=1, match="shard_00001",
                                              when="torn"),
@@ -147,7 +147,8 @@ def _assert_nothing_partial_is_listed(out: Path) -> None:
     if manifest.is_file():
         for shard in json.loads(manifest.read_text())["shards"]:
             load_file(out / "cache" / shard["file"])
-        load_file(out / "cache" / "prompt_embeds.safetensors")
+            load_file(out / "cache" / shard["text"])
+        load_file(out / "cache" / "negative_embeds.safetensors")
 
 
 def _files(out: Path) -> set[str]:
@@ -187,7 +188,8 @@ def test_a_run_killed_at_16_points_resumes_to_the_uninterrupted_state(tmp_path):
               for run in (tmp_path / "reference", out)]
     assert len(losses[1]) == 16 and losses[1] == losses[0]
     assert_same_final_state(tmp_path / "reference", out)
-    for shard in ("prompt_embeds.safetensors", "shard_00000.safetensors", "shard_00001.safetensors"):
+    for shard in ("negative_embeds.safetensors", "text_00000.safetensors", "text_00001.safetensors",
+                  "shard_00000.safetensors", "shard_00001.safetensors"):
         assert_same(load_file(tmp_path / "reference" / "cache" / shard), load_file(out / "cache" / shard), shard)
     for image in sorted((out / "samples").glob("*.png")):
         Image.open(image).verify()  # complete

@@ -27,13 +27,12 @@ def _losses(path):
     return [json.loads(line)["loss"] for line in Path(path).read_text().splitlines()]
 
 
-def _matching_error(student, targets, cfg_distill=True):
-    """Mean squared error between the student's velocity and the (guided) teacher target over a target set."""
+def _matching_error(student, targets):
+    """Mean squared error between the student's velocity and the cached (guided) teacher target over a target set."""
     t = targets.tensors
     with torch.no_grad():
         pred = student(t["latents"], t["timesteps"], targets.prompt_embeds[t["prompt_index"]]).sample
-    target = t["v_uncond"] + t["guidance"].view(-1, 1, 1, 1) * (t["v_cond"] - t["v_uncond"])
-    return float((pred - target).pow(2).mean())
+    return float((pred - t["velocity"]).pow(2).mean())
 
 
 def test_production_run_55_prompts_one_epoch(tmp_path):
@@ -72,11 +71,12 @@ def test_cached_training_needs_no_teacher_and_matches_online(tmp_path, monkeypat
     WanLiteTransformer2DModel.from_student_config(SMALL, TINY_EXPERT, seed=0).save_pretrained(init)
     common = dict(data_path=str(prompts), student_config=SMALL, student_init=str(init), latent_source="noise",
                   samples_per_prompt=4, batch_size=4, num_epochs=2, lr=1e-3, ema_decay=0, progress=False,
-                  save_samples=False)
+                  save_samples=False, cache_dtype="float32")  # float32: the online targets are not rounded
     online = distill(output_dir=str(tmp_path / "online"), teacher_targets="online", **common)
 
     teacher = wandistiller.teacher.load_teacher("tiny", device_strategy="cpu", load_experts=False)
-    spec = TargetSpec(latent_source="noise", samples_per_prompt=4, height=64, width=64, num_inference_steps=8)
+    spec = TargetSpec(latent_source="noise", samples_per_prompt=4, height=64, width=64, num_inference_steps=8,
+                      dtype="float32")
     build_target_cache(teacher, read_prompts(prompts), tmp_path / "cached" / "cache", spec, progress=False)
     del teacher
 
@@ -130,7 +130,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     before = list_checkpoints(tmp_path / "run")
     shard = tmp_path / "run" / "cache" / "shard_00000.safetensors"
     tensors = load_file(shard)
-    tensors["v_cond"][:] = float("nan")  # a corrupted teacher target
+    tensors["velocity"][:] = float("nan")  # a corrupted teacher target
     save_file(tensors, shard)
     with pytest.raises(RuntimeError, match=r"non-finite loss at step 5 "):
         distill(max_steps=8, resume=True, **common)
@@ -340,7 +340,8 @@ def test_distill_is_the_plain_training_loop_it_describes(short_run, short_refere
     from wandistiller.teacher import read_teacher_info
 
     run, defaults = short_run, DistillConfig()
-    spec = TargetSpec(latent_source="noise", samples_per_prompt=run["samples_per_prompt"], height=64, width=64)
+    spec = TargetSpec(latent_source="noise", samples_per_prompt=run["samples_per_prompt"], height=64, width=64,
+                      velocity="conditional")  # the target cfg_distill=False trains on
     targets, _ = load_target_cache(run["cache_dir"], read_teacher_info("tiny").fingerprint(), spec,
                                    read_prompts(run["data_path"]))
     student = WanLiteTransformer2DModel.from_pretrained(run["student_init"]).train()
@@ -357,8 +358,7 @@ def test_distill_is_the_plain_training_loop_it_describes(short_run, short_refere
         sampler.set_epoch(epoch)
         for batch in loader:
             pred = student(batch["latents"], batch["timesteps"], targets.prompt_embeds[batch["prompt_index"]]).sample
-            loss = loss_fn(pred.float(), batch["v_cond"], batch["v_uncond"], batch["guidance"],
-                           timestep=batch["timesteps"])["loss"]
+            loss = loss_fn(pred.float(), batch["velocity"], timestep=batch["timesteps"])["loss"]
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), defaults.max_grad_norm)
             optimizer.step()
@@ -400,15 +400,15 @@ def test_an_interrupted_run_resumes_to_the_same_state_bit_for_bit(short_run, sho
     assert_same_final_state(short_reference.output_dir, Path(out))
 
 
-def _first_step_loss(run: dict, cfg_distill: bool) -> float:
-    """The loss of the first step, computed here from the initial student and the cached targets, on the batch
-    the loop draws first (its sampler, seed 0, epoch 0)."""
-    from wandistiller.loss import DistillLoss
+def _first_step_loss(run: dict, cache_dir, velocity: str) -> float:
+    """The loss of the first step, computed here from the initial student and the cached targets (the `velocity`
+    the cache keeps), on the batch the loop draws first (its sampler, seed 0, epoch 0)."""
     from wandistiller.teacher import read_teacher_info
 
     prompts = read_prompts(run["data_path"])
-    spec = TargetSpec(latent_source="noise", samples_per_prompt=run["samples_per_prompt"], height=64, width=64)
-    targets, _ = load_target_cache(run["cache_dir"], read_teacher_info("tiny").fingerprint(), spec, prompts)
+    spec = TargetSpec(latent_source="noise", samples_per_prompt=run["samples_per_prompt"], height=64, width=64,
+                      velocity=velocity)
+    targets, _ = load_target_cache(cache_dir, read_teacher_info("tiny").fingerprint(), spec, prompts)
     sampler = torch.utils.data.DistributedSampler(targets, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
     sampler.set_epoch(0)
     loader = torch.utils.data.DataLoader(targets, batch_size=run["batch_size"], sampler=sampler, drop_last=True)
@@ -416,17 +416,21 @@ def _first_step_loss(run: dict, cfg_distill: bool) -> float:
     student = WanLiteTransformer2DModel.from_pretrained(run["student_init"]).train()
     with torch.no_grad():
         pred = student(batch["latents"], batch["timesteps"], targets.prompt_embeds[batch["prompt_index"]]).sample
-    parts = DistillLoss(cfg_distill=cfg_distill)(pred.float(), batch["v_cond"], batch["v_uncond"], batch["guidance"],
-                                                  timestep=batch["timesteps"])
-    return float(parts["loss"])
+    return float((pred.float() - batch["velocity"]).pow(2).flatten(1).mean(1).mean())  # as loss.velocity_loss reduces
 
 
 def test_cfg_distill_chooses_the_guided_or_the_conditional_target(short_run, short_reference, tmp_path):
-    conditional, guided = _first_step_loss(short_run, False), _first_step_loss(short_run, True)
+    """Each keeps its own velocity in the cache; a cache of the other is refused, never trained on."""
+    guided_cache = tmp_path / "guided_cache"
+    with pytest.raises(ValueError, match=r"other target settings \(velocity: 'conditional' in the cache, 'guided'"):
+        distill(output_dir=str(tmp_path / "refused"), **{**short_run, "cfg_distill": True})
+    run = distill(output_dir=str(tmp_path / "guided"), **{**short_run, "cfg_distill": True, "max_steps": 1,
+                                                          "cache_dir": str(guided_cache)})
+    conditional = _first_step_loss(short_run, short_run["cache_dir"], "conditional")
+    guided = _first_step_loss(short_run, guided_cache, "guided")
     print(f"first-step loss: conditional target {conditional:.8g}, guided target {guided:.8g}")
     assert conditional != guided
     assert short_reference.metrics[0]["loss"] == conditional  # the reference runs with cfg_distill=False
-    run = distill(output_dir=str(tmp_path / "guided"), **{**short_run, "cfg_distill": True, "max_steps": 1})
     assert run.metrics[0]["loss"] == guided
 
 
@@ -491,7 +495,7 @@ def test_a_second_teacher_in_the_same_folder_never_reuses_the_first_ones_targets
     prompts = _prompts_file(tmp_path, 2)
     common = dict(data_path=prompts, student_config=SMALL, student_init="random", latent_source="noise",
                   samples_per_prompt=2, batch_size=4, max_steps=1, progress=False, save_samples=False,
-                  output_dir=str(tmp_path / "run"))
+                  output_dir=str(tmp_path / "run"), cache_dtype="float32")
     distill(teacher_path="tiny", **common)
     cache = tmp_path / "run" / "cache"
     manifest = json.loads((cache / "manifest.json").read_text())
@@ -503,12 +507,13 @@ def test_a_second_teacher_in_the_same_folder_never_reuses_the_first_ones_targets
 
     second = load_teacher("tiny-2.1", device_strategy="cpu")
     assert second.fingerprint == read_teacher_info("tiny-2.1").fingerprint() != read_teacher_info("tiny").fingerprint()
-    spec = TargetSpec(latent_source="noise", samples_per_prompt=2, height=64, width=64)
+    spec = TargetSpec(latent_source="noise", samples_per_prompt=2, height=64, width=64, dtype="float32")
     targets, _ = load_target_cache(cache, second.fingerprint, spec, read_prompts(prompts))
     t = targets.tensors
     embeds = targets.prompt_embeds[t["prompt_index"]]
-    v = second.velocity(t["latents"][:, :, None], t["timesteps"], embeds)[:, :, 0]
-    torch.testing.assert_close(t["v_cond"], v, rtol=0, atol=1e-5)  # the second teacher's own targets
+    negative = targets.negative_embeds.expand(len(embeds), -1, -1)
+    v = second.velocity(t["latents"][:, :, None], t["timesteps"], embeds, negative)[:, :, 0]
+    torch.testing.assert_close(t["velocity"], v, rtol=0, atol=1e-5)  # the second teacher's own (guided) targets
     with pytest.raises(ValueError, match="made with other teacher"):
         load_target_cache(cache, read_teacher_info("tiny").fingerprint(), spec, read_prompts(prompts))
 
@@ -590,7 +595,7 @@ def test_non_finite_loss_on_one_rank_stops_every_rank_with_the_same_message(tmp_
     assert first.returncode == 0, first.stderr[-3000:]
     shard = tmp_path / "cache" / "shard_00000.safetensors"
     tensors = load_file(shard)
-    tensors["v_cond"][5] = float("nan")  # one corrupted target: one rank sees it, the other does not
+    tensors["velocity"][5] = float("nan")  # one corrupted target: one rank sees it, the other does not
     save_file(tensors, shard)
     failed = torchrun("--max_steps", "32", "--resume")
     assert failed.returncode != 0

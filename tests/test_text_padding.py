@@ -24,6 +24,15 @@ def test_compact_text_keeps_true_rows_and_weights_the_padding():
     assert text_padding.compact_text(full)[1] is None  # a row with no padding: nothing to compact
 
 
+def test_trimmed_text_is_padded_back_exactly():
+    text = _padded_text([3, 7, 1, 512])
+    text[1, 2] = 0  # an all-zero row inside the true tokens is kept: only the zeros after the last true row go
+    tokens, lengths = text_padding.trim_text(text)
+    assert lengths.tolist() == [3, 7, 1, 512] and tokens.shape == (3 + 7 + 1 + 512, 32)
+    torch.testing.assert_close(text_padding.pad_text(tokens, lengths), text, rtol=0, atol=0)
+    torch.testing.assert_close(text_padding.pad_text(tokens[:3], lengths[:1], 5), text[:1, :5], rtol=0, atol=0)
+
+
 def test_student_forward_equals_attention_over_all_512_rows(monkeypatch):
     from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 

@@ -283,6 +283,10 @@ def _add_plan_command(sub) -> None:
     p.add_argument("--width", type=int, default=512, help="pixels (default: 512)")
     p.add_argument("--num_inference_steps", type=int, default=40, help="teacher sampler steps (default: 40)")
     p.add_argument("--trajectories_per_prompt", type=int, default=1, help="trajectories per prompt (default: 1)")
+    p.add_argument("--steps_per_trajectory", type=int, help="steps of each trajectory the cache keeps (default: all)")
+    p.add_argument("--cache_dtype", default="bfloat16", help="dtype of the cached targets (default: bfloat16)")
+    p.add_argument("--teacher_dtype", default="float32", help="the teacher's dtype, that of the cached prompt "
+                                                              "embeddings (default: float32)")
     p.add_argument("--guidance_scale", type=float, help="CFG scale (default: the teacher's, as WanPipeline)")
     p.add_argument("--guidance_scale_2", type=float, help="the low-noise expert's CFG scale (A14B)")
     p.add_argument("--tflops", type=float, default=H200_TFLOPS,
@@ -297,7 +301,8 @@ def _plan(args) -> int:
     plan = make_plan(args.teacher_path, args.data_path, height=args.height, width=args.width,
                      num_inference_steps=args.num_inference_steps, trajectories_per_prompt=args.trajectories_per_prompt,
                      guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, tflops=args.tflops,
-                     prompt_column=args.prompt_column)
+                     prompt_column=args.prompt_column, cache_dtype=args.cache_dtype, teacher_dtype=args.teacher_dtype,
+                     steps_per_trajectory=args.steps_per_trajectory)
     print(plan.table())
     return 0
 

@@ -246,11 +246,23 @@ LATENT_SOURCES = ("trajectory", "noise", "renoise", "images")
 # trajectory with id r = prompt_index * trajectories_per_prompt + j, which each record names in "trajectory"): with
 # the noise it started from (its first record's latents) it is the (noise, x0) pair that reflow trains on.
 TRAJECTORY_TABLE = ("final_latents", "final_prompt_index")
+# What a target keeps of the teacher's answer: the guided velocity v_u + g (v_c - v_u) (what cfg_distill trains on),
+# the conditional one (what it trains on without cfg_distill), or both with each record's guidance scale.
+VELOCITY_TARGETS = ("guided", "conditional", "both")
+# Tensors of latent size (each C x h x w a record), stored in TargetSpec.dtype; the rest keeps its own dtype.
+LATENT_KEYS = ("latents", "velocity", "v_cond", "v_uncond", "final_latents")
+CACHE_DTYPES = ("bfloat16", "float32")
 
 
 @dataclass
 class TargetSpec:
-    """Everything that decides which targets a cache holds (recorded in its manifest)."""
+    """Everything that decides which targets a cache holds (recorded in its manifest).
+
+    `velocity` is what a target keeps of the teacher's answer (`VELOCITY_TARGETS`: one tensor for "guided" or
+    "conditional", v_cond and v_uncond for "both"); `dtype` the dtype of its latent-sized tensors (`LATENT_KEYS`);
+    `steps_per_trajectory` keeps k of a trajectory's steps, evenly spread from its first to its last (so over both
+    of A14B's experts, and always with the first, whose latents are the trajectory's noise); None keeps them all.
+    """
 
     latent_source: str = "trajectory"
     height: int = 64
@@ -261,6 +273,9 @@ class TargetSpec:
     seed: int = 0
     images_path: str | None = None
     shard_prompts: int = 8
+    velocity: str = "guided"
+    dtype: str = "bfloat16"
+    steps_per_trajectory: int | None = None
 
     def __post_init__(self):
         if self.latent_source not in LATENT_SOURCES:
@@ -270,6 +285,25 @@ class TargetSpec:
         if self.trajectories_per_prompt != 1 and self.latent_source != "trajectory":
             raise ValueError(f"trajectories_per_prompt={self.trajectories_per_prompt} applies to latent_source="
                              f"'trajectory' only: use samples_per_prompt for {self.latent_source!r}")
+        if self.velocity not in VELOCITY_TARGETS:
+            raise ValueError(f"unknown velocity target {self.velocity!r}: use one of {', '.join(VELOCITY_TARGETS)}")
+        if self.dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache_dtype={self.dtype!r} is not a cache dtype: use bfloat16 (half the bytes) or float32")
+        k = self.steps_per_trajectory
+        if k is not None:
+            if self.latent_source != "trajectory":
+                raise ValueError(f"steps_per_trajectory={k} applies to latent_source='trajectory' only: drop it (or "
+                                 f"lower samples_per_prompt for {self.latent_source!r})")
+            if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= self.num_inference_steps:
+                raise ValueError(f"steps_per_trajectory={k!r} must be a whole number from 2 (the first and the last "
+                                 f"step) to num_inference_steps={self.num_inference_steps}, or None for every step")
+
+    def kept_steps(self) -> list[int]:
+        """The indices of the sampler steps a trajectory keeps (`steps_per_trajectory`, evenly spread)."""
+        n, k = self.num_inference_steps, self.steps_per_trajectory
+        if k is None:
+            return list(range(n))
+        return torch.linspace(0, n - 1, k, dtype=torch.float64).round().long().tolist()
 
 
 class TargetSet(torch.utils.data.Dataset):
@@ -321,7 +355,8 @@ def _prompt_noise(teacher, spec: TargetSpec, prompt_index: int, sample: int = 0)
 
 @torch.no_grad()
 def record_trajectories(teacher, embeds, negative, noise, spec: TargetSpec, *, batch_size: int = 8, progress=True):
-    """Run the teacher's own sampler from `noise` and record every (x_t, t, v_cond, v_uncond) on the way.
+    """Run the teacher's own sampler from `noise` and record every (x_t, t, v_cond, v_uncond) on the way (at the
+    steps `spec.kept_steps()` names: all of them unless `spec.steps_per_trajectory` is set).
 
     Expert by expert: every trajectory's high-noise steps run with only that expert resident, then the
     low-noise steps with only the other, so one 14B expert is in memory at a time. The sampler (a copy of the
@@ -333,6 +368,7 @@ def record_trajectories(teacher, embeds, negative, noise, spec: TargetSpec, *, b
     scheduler = copy.deepcopy(teacher.pipe.scheduler)
     scheduler.set_timesteps(spec.num_inference_steps)
     timesteps = scheduler.timesteps
+    recorded = {float(timesteps[i]) for i in spec.kept_steps()}
     chunks = []
     for start in range(0, len(noise), batch_size):
         sched = copy.deepcopy(scheduler)
@@ -343,7 +379,7 @@ def record_trajectories(teacher, embeds, negative, noise, spec: TargetSpec, *, b
     experts = [teacher.expert_for_timestep(t) for t in timesteps]  # raises for a step no expert takes
     phases = [(name, [t for t, e in zip(timesteps, experts) if e == name]) for name in teacher.expert_names]
     total = sum(len(steps) for _, steps in phases) * len(chunks)
-    bar = tqdm(total=total, desc="recording teacher trajectories", disable=not progress)
+    bar = tqdm(total=total, desc="recording teacher trajectories", disable=not progress, leave=False)
     for name, steps in phases:
         if not steps:
             continue
@@ -355,8 +391,9 @@ def record_trajectories(teacher, embeds, negative, noise, spec: TargetSpec, *, b
                     x_t = chunk["latents"]
                     x, t_batch = x_t[:, :, 0], t.float().expand(len(idx))
                     out = teacher.query(x, t_batch, embeds[idx], negative[idx])
-                    records.append({"latents": x.clone(), "timesteps": t_batch.clone(), "prompt_index": idx,
-                                    "v_cond": out.v_cond, "v_uncond": out.v_uncond, "guidance": out.guidance})
+                    if float(t) in recorded:
+                        records.append({"latents": x.clone(), "timesteps": t_batch.clone(), "prompt_index": idx,
+                                        "v_cond": out.v_cond, "v_uncond": out.v_uncond, "guidance": out.guidance})
                     velocity = guided_velocity(out.v_cond, out.v_uncond, g)[:, :, None]
                     chunk["latents"] = sched.step(velocity, t, x_t, return_dict=False)[0]
                     bar.update()
@@ -371,7 +408,7 @@ def query_targets(teacher, latents, timesteps, embeds, negative, *, batch_size: 
     v_cond = torch.empty_like(latents)
     v_uncond = torch.empty_like(latents)
     guidance = torch.empty(len(latents))
-    bar = tqdm(total=len(latents), desc="querying teacher", disable=not progress)
+    bar = tqdm(total=len(latents), desc="querying teacher", disable=not progress, leave=False)
     for name, idx in teacher.split_by_expert(timesteps):
         with teacher.only_expert(name):
             for part in idx.split(batch_size):
@@ -434,17 +471,28 @@ def make_inputs(teacher, spec: TargetSpec, prompt_indices: list[int], embeds, ne
     return {"latents": add_noise(x0, eps, timesteps), "timesteps": timesteps, "prompt_index": prompt_index}
 
 
-def compute_targets(teacher, spec: TargetSpec, prompt_indices: list[int], all_embeds, negative, *, progress=True) -> dict:
-    """Inputs and teacher velocities for `prompt_indices` (indices into `all_embeds`)."""
-    embeds = all_embeds[prompt_indices]
+def compute_targets(teacher, spec: TargetSpec, prompt_indices: list[int], embeds, negative, *, progress=True) -> dict:
+    """Inputs and teacher velocities for the prompts `prompt_indices`, whose embeddings are `embeds` (one row
+    each, in that order), keeping the velocity `spec.velocity` names."""
     neg = negative.expand(len(prompt_indices), -1, -1)
     inputs = make_inputs(teacher, spec, prompt_indices, embeds, neg, progress=progress)
-    if "v_cond" in inputs:
-        return inputs
-    local = {p: j for j, p in enumerate(prompt_indices)}
-    rows = torch.tensor([local[p] for p in inputs["prompt_index"].tolist()], dtype=torch.long)
-    inputs.update(query_targets(teacher, inputs["latents"], inputs["timesteps"], embeds[rows], neg[rows], progress=progress))
-    return inputs
+    if "v_cond" not in inputs:
+        local = {p: j for j, p in enumerate(prompt_indices)}
+        rows = torch.tensor([local[p] for p in inputs["prompt_index"].tolist()], dtype=torch.long)
+        inputs.update(query_targets(teacher, inputs["latents"], inputs["timesteps"], embeds[rows], neg[rows],
+                                    progress=progress))
+    return kept_velocity(inputs, spec.velocity)
+
+
+def kept_velocity(targets: dict, velocity: str) -> dict:
+    """`targets` with the teacher's answer reduced to what `velocity` (`VELOCITY_TARGETS`) keeps: a single
+    `velocity` tensor (the guided or the conditional one), or `v_cond` and `v_uncond` as they are."""
+    if velocity == "both":
+        return targets
+    targets = dict(targets)
+    v_cond, v_uncond = targets.pop("v_cond"), targets.pop("v_uncond")
+    targets["velocity"] = v_cond if velocity == "conditional" else guided_velocity(v_cond, v_uncond, targets["guidance"])
+    return targets
 
 
 def concat_records(records: list[dict]) -> dict:

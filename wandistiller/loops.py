@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .cache import build_target_cache, load_target_cache, open_target_cache
+from .cache import build_target_cache, load_target_cache, open_target_cache, write_prompt_embeddings
 from .data import DEFAULT_PROMPTS_PATH, TargetSpec, make_online_inputs, packaged_file, read_prompts
 from .loss import DistillLoss, FeatureAdapters, NonFiniteLossError, check_finite, non_finite_message
 from .model import StudentConfig, WanLiteTransformer2DModel, load_student_config, student_model_config
@@ -33,6 +33,7 @@ DEFAULT_STUDENT_CONFIG = str(packaged_file("config", "student_config_small.json"
 
 
 CHECKPOINT_PREFIX = "step_"
+CALIBRATION_PROMPTS = 8  # the first prompts, on which a projected student's importance is measured
 
 
 
@@ -63,11 +64,14 @@ class DistillConfig:
         latent_source: the training points: trajectory (the teacher's sampler), noise, renoise or images.
         images_path: the folder of images for latent_source=images.
         cache_dir: where the teacher targets are kept; none: output_dir/cache.
+        cache_dtype: dtype of the cached latents and velocities: bfloat16 (half the disk) or float32.
         teacher_targets: cache (computed once, then training without the teacher) or online (the teacher
             answers every batch; needed by feature_weight).
         num_inference_steps: sampler steps of each teacher trajectory and of the sample images.
         samples_per_prompt: training points per prompt for the noise, renoise and images sources.
         trajectories_per_prompt: teacher trajectories per prompt, each from its own noise (latent_source=trajectory).
+        steps_per_trajectory: keep this many of each trajectory's num_inference_steps steps in the cache, evenly
+            spread from the first to the last (so over both of A14B's experts); none: every step.
         height, width: image size in pixels; none: the student config's image_size.
         num_epochs: passes over the targets.
         max_steps: stop after this many optimiser steps; none or <= 0: num_epochs decides.
@@ -125,10 +129,12 @@ class DistillConfig:
     latent_source: str = "trajectory"
     images_path: str | None = None
     cache_dir: str | None = None
+    cache_dtype: str = "bfloat16"
     teacher_targets: str = "cache"
     num_inference_steps: int = 8
     samples_per_prompt: int = 4
     trajectories_per_prompt: int = 1
+    steps_per_trajectory: int | None = None
     height: int | None = None
     width: int | None = None
     # optimisation
@@ -256,7 +262,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     _claim_output_dir(out, cfg, rt)
     torch.manual_seed(cfg.seed)
     # gpu0 under torchrun: one teacher on GPU 0, held by rank 0 alone; the other ranks wait for its targets.
-    teacher = _LazyTeacher(cfg, run.cache_dir / "prompt_embed_cache", rt.is_main or not run.placement.shared)
+    teacher = _LazyTeacher(cfg, rt.is_main or not run.placement.shared)
     checkpoints = list_checkpoints(out) if cfg.resume else []
     sample_prompts = list(cfg.sample_prompts or run.prompts[:2])
     targets = _prepare_targets(cfg, run, rt, teacher, sample_prompts, checkpoints)  # 2. teacher targets
@@ -446,9 +452,12 @@ def _validate(cfg: DistillConfig) -> _RunInputs:
         raise FileNotFoundError(f"student_init={cfg.student_init!r} is neither 'projection', 'random' nor a saved "
                                 "student directory (with config.json)")
     height, width = _image_size(cfg, student_cfg, sets_size, info.vae_scale_factor, teacher_config)
+    # The cache keeps the one velocity the objective trains on (feature KD, which needs the teacher, is online only).
     spec = TargetSpec(latent_source=cfg.latent_source, height=height, width=width,
                       num_inference_steps=cfg.num_inference_steps, samples_per_prompt=cfg.samples_per_prompt,
-                      trajectories_per_prompt=cfg.trajectories_per_prompt, seed=cfg.seed, images_path=cfg.images_path)
+                      trajectories_per_prompt=cfg.trajectories_per_prompt, seed=cfg.seed, images_path=cfg.images_path,
+                      velocity="guided" if cfg.cfg_distill else "conditional", dtype=cfg.cache_dtype,
+                      steps_per_trajectory=cfg.steps_per_trajectory)
     if spec.latent_source == "images" and not Path(spec.images_path).is_dir():
         raise FileNotFoundError(f"images_path {spec.images_path} is not a folder: pass a folder of images")
     fingerprint = info.fingerprint(cfg.teacher_dtype)
@@ -536,10 +545,11 @@ def _claim_output_dir(out: Path, cfg: DistillConfig, rt: _Dist) -> None:
 
 
 class _LazyTeacher:
-    """The teacher, loaded on first call and released when the run no longer needs it."""
+    """The teacher, loaded on first call and released when the run no longer needs it. Its prompt embeddings stay
+    in memory (the few a run needs besides the target cache, which stores its prompts' once)."""
 
-    def __init__(self, cfg: DistillConfig, embed_cache: Path, holds_teacher: bool = True):
-        self.cfg, self.embed_cache, self.holds_teacher, self.loaded = cfg, embed_cache, holds_teacher, None
+    def __init__(self, cfg: DistillConfig, holds_teacher: bool = True):
+        self.cfg, self.holds_teacher, self.loaded = cfg, holds_teacher, None
 
     def __call__(self):
         if not self.holds_teacher:
@@ -550,7 +560,7 @@ class _LazyTeacher:
             cfg = self.cfg
             self.loaded = load_teacher(cfg.teacher_path, cfg.teacher_device_strategy, cfg.teacher_dtype,
                                        teacher_on_cpu=cfg.teacher_on_cpu, load_experts=False,
-                                       cache_dir=self.embed_cache, guidance_scale=cfg.guidance_scale,
+                                       guidance_scale=cfg.guidance_scale,
                                        guidance_scale_2=cfg.guidance_scale_2)
         return self.loaded
 
@@ -572,17 +582,24 @@ def _prepare_targets(cfg: DistillConfig, run: _RunInputs, rt: _Dist, teacher: _L
         rt.barrier()
     cache_complete = (cache_dir / "manifest.json").is_file()
     projects = cfg.student_init == "projection" and not checkpoints and rt.is_main
+    rank, world_size = (0, 1) if shared else (rt.rank, rt.world_size)
+    progress = cfg.progress and rt.is_main
     if teacher.holds_teacher and (cfg.teacher_targets == "online" or not cache_complete or projects):
-        # All text work first, then free the text encoder (UMT5-XXL: 5.7 B) before any expert is loaded.
-        teacher().encode_prompts(prompts + sample_prompts, negative="")
+        # All text work first, then free the text encoder (UMT5-XXL: 5.7 B) before any expert is loaded: the
+        # sample prompts and the projection's calibration prompts stay in memory, the cache's go to its text files.
+        teacher().encode_prompts(sample_prompts + prompts[:CALIBRATION_PROMPTS], negative="")
+        if cfg.teacher_targets == "online":
+            teacher().encode_prompts(prompts)
+        elif not cache_complete:
+            write_prompt_embeddings(teacher(), prompts, cache_dir, spec, rank=rank, world_size=world_size,
+                                    progress=progress)
         teacher().release_text_encoder()
     if cfg.teacher_targets == "online":
-        return make_online_inputs(teacher(), prompts, spec, progress=cfg.progress and rt.is_main)
+        return make_online_inputs(teacher(), prompts, spec, progress=progress)
     if not cache_complete:
         if teacher.holds_teacher:
-            build_target_cache(teacher(), prompts, cache_dir, spec, rank=0 if shared else rt.rank,
-                               world_size=1 if shared else rt.world_size, barrier=None if shared else rt.barrier,
-                               progress=cfg.progress and rt.is_main)
+            build_target_cache(teacher(), prompts, cache_dir, spec, rank=rank, world_size=world_size,
+                               barrier=None if shared else rt.barrier, progress=progress)
         if shared:
             rt.barrier()
     return load_target_cache(cache_dir, run.fingerprint, spec, prompts)[0]
@@ -599,7 +616,7 @@ def _prepare_student(cfg: DistillConfig, run: _RunInputs, rt: _Dist, teacher: _L
         student, state = _load_checkpoint(checkpoints[-1])
     else:
         student, report = _build_student(cfg, run.student_config, teacher, run.teacher_config, rt.rank,
-                                         run.prompts[:8])
+                                         run.prompts[:CALIBRATION_PROMPTS])
     student.to(rt.device).train()
     if cfg.gradient_checkpointing:
         student.enable_gradient_checkpointing()
@@ -843,7 +860,11 @@ def _micro_step(model, loss_fn, batch, targets, teacher, rt: _Dist, autocast, st
     embeds = targets.prompt_embeds[batch["prompt_index"]].to(device)
     teacher_feats = None
     if teacher is None:
-        v_cond, v_uncond, guidance = (batch[k].to(device) for k in ("v_cond", "v_uncond", "guidance"))
+        # A cache that keeps one velocity (the guided or the conditional one, as the loss asks) gives it as both:
+        # v + g (v - v) is v exactly.
+        v_cond, v_uncond = (batch[k].to(device) for k in (("velocity",) * 2 if "velocity" in batch else
+                                                          ("v_cond", "v_uncond")))
+        guidance = batch["guidance"].to(device)
     else:
         negative = targets.negative_embeds.expand(len(latents), -1, -1)
         # each sample on its own expert; with feature KD also the teacher's block outputs
@@ -860,7 +881,7 @@ def _micro_step(model, loss_fn, batch, targets, teacher, rt: _Dist, autocast, st
 
 def _reflow_batch(batch: dict, targets, seed: int, step: int, micro: int, rt: _Dist) -> dict:
     """Reflow's micro-batch: for each record's trajectory (noise z, final latent x0), the point of the straight path
-    at a noise level sigma ~ U(0, 1) and its velocity z - x0 (as v_cond and v_uncond, so the guided target is
+    at a noise level sigma ~ U(0, 1) and its velocity z - x0 (the one velocity target, so the guided target is
     that velocity too). The noise levels are drawn for the global micro-batch from a generator seeded by (seed,
     step, micro-batch) alone, each rank taking its own rows as the sampler deals them: a resumed run, or one on
     several ranks, draws the same levels."""
@@ -873,7 +894,8 @@ def _reflow_batch(batch: dict, targets, seed: int, step: int, micro: int, rt: _D
     timesteps = sample_timesteps(len(index) * rt.world_size, generator=generator, distribution="uniform")
     timesteps = timesteps[rt.rank::rt.world_size]
     latents, velocity = reflow_targets(final[index], noise[index], timesteps)
-    return {**batch, "latents": latents, "timesteps": timesteps, "v_cond": velocity, "v_uncond": velocity}
+    kept = {key: value for key, value in batch.items() if key not in ("v_cond", "v_uncond")}
+    return {**kept, "latents": latents, "timesteps": timesteps, "velocity": velocity}
 
 
 def _stop_if_not_finite(parts: dict, step: int, rt: _Dist) -> None:

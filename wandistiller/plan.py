@@ -21,7 +21,6 @@ from .viz import Table
 # Achieved bf16 throughput of one A14B expert forward on an NVIDIA H200 (benchmarks/README.md: 28.0 TFLOP in
 # 63.6 ms at 512², 115.6 TFLOP in 242.7 ms at 1024²), rounded down: a measured figure, not the card's peak.
 H200_TFLOPS = 440.0
-FLOAT32_BYTES = 4
 
 
 @dataclass(frozen=True)
@@ -124,29 +123,29 @@ def _forward_tflop(config_json: str, latent_hw: tuple[int, int]) -> float:
     return forward_flops(model, latent_hw, device="meta") / 1e12
 
 
-def cache_bytes_per_prompt(*, latent_channels: int, latent_hw: tuple[int, int], text_dim: int,
-                           num_inference_steps: int, trajectories_per_prompt: int) -> int:
-    """Bytes a prompt takes in the target cache as `cache.build_target_cache` writes it (float32).
+def mean_text_tokens(info, prompts: list[str]) -> float:
+    """The mean true token length of `prompts` (what the cache keeps of their embeddings), counted with the
+    teacher's tokenizer as WanPipeline counts it: cleaned text, end-of-text token included, at most 512."""
+    from diffusers.pipelines.wan.pipeline_wan import prompt_clean
+    from transformers import AutoTokenizer
 
-    Per recorded step: the input latents, `v_cond` and `v_uncond` (C×h×w each), the timestep and guidance
-    (float32), the prompt index and the trajectory id (int64). Per trajectory: its final latents and prompt index.
-    Per prompt: its embeddings padded to 512 tokens, kept in `prompt_embeds.safetensors` and in the
-    prompt-embedding cache.
-    """
-    latent = latent_channels * latent_hw[0] * latent_hw[1] * FLOAT32_BYTES
-    per_step = 3 * latent + 2 * FLOAT32_BYTES + 2 * 8
-    per_trajectory = num_inference_steps * per_step + latent + 8
-    embeddings = 2 * flow.MAX_SEQUENCE_LENGTH * text_dim * FLOAT32_BYTES
-    return trajectories_per_prompt * per_trajectory + embeddings
+    tokenizer = AutoTokenizer.from_pretrained(info.source / "tokenizer")
+    ids = tokenizer([prompt_clean(p) for p in prompts], max_length=flow.MAX_SEQUENCE_LENGTH, truncation=True,
+                    add_special_tokens=True).input_ids
+    return sum(map(len, ids)) / len(ids)
 
 
 def make_plan(teacher_path: str = "tiny", data_path: str | Path | None = None, *, height: int = 512, width: int = 512,
               num_inference_steps: int = 40, trajectories_per_prompt: int = 1, guidance_scale: float | None = None,
-              guidance_scale_2: float | None = None, tflops: float = H200_TFLOPS, prompt_column: str | None = None) -> Plan:
+              guidance_scale_2: float | None = None, tflops: float = H200_TFLOPS, prompt_column: str | None = None,
+              cache_dtype: str = "bfloat16", teacher_dtype: str = "float32",
+              steps_per_trajectory: int | None = None) -> Plan:
     """The cost of recording targets for the prompts in `data_path` (the default prompts when None; the column
-    `prompt_column` of a table, as `read_prompts`)."""
-    from .data import DEFAULT_PROMPTS_PATH, read_prompts
-    from .teacher import read_json, read_teacher_info
+    `prompt_column` of a table, as `read_prompts`), into a cache of guided targets (cfg_distill) in `cache_dtype`
+    with the prompt embeddings in `teacher_dtype`, keeping `steps_per_trajectory` steps (None: all)."""
+    from .cache import cache_bytes_per_prompt
+    from .data import DEFAULT_PROMPTS_PATH, TargetSpec, read_prompts
+    from .teacher import read_json, read_teacher_info, resolve_dtype
 
     if tflops <= 0:
         raise ValueError(f"tflops={tflops} must be positive: pass the sustained TFLOP/s of one GPU")
@@ -169,12 +168,16 @@ def make_plan(teacher_path: str = "tiny", data_path: str | Path | None = None, *
     steps = steps_per_expert(info, num_inference_steps)
     guidance = {"transformer": info.guidance_scale, "transformer_2": info.guidance_scale_2 or info.guidance_scale}
     z_dim = read_json(info.source / "vae" / "config.json")["z_dim"]
+    spec = TargetSpec(height=height, width=width, num_inference_steps=num_inference_steps,
+                      trajectories_per_prompt=trajectories_per_prompt, dtype=cache_dtype,
+                      steps_per_trajectory=steps_per_trajectory)
+    text_dtype = str(resolve_dtype(teacher_dtype)).removeprefix("torch.")
     return Plan(
         teacher=str(teacher_path), variant=info.variant, prompts=len(prompts), trajectories_per_prompt=trajectories_per_prompt,
         height=height, width=width, num_inference_steps=num_inference_steps, steps_per_expert=steps,
         guidance={n: guidance[n] for n in steps},
         forward_tflop={n: expert_forward_tflop(info, n, latent_hw) for n in steps},
-        bytes_per_prompt=cache_bytes_per_prompt(latent_channels=z_dim, latent_hw=latent_hw,
-                                                text_dim=config["text_dim"], num_inference_steps=num_inference_steps,
-                                                trajectories_per_prompt=trajectories_per_prompt),
+        bytes_per_prompt=round(cache_bytes_per_prompt(spec, latent_channels=z_dim, latent_hw=latent_hw,
+                                                      text_dim=config["text_dim"], text_dtype=text_dtype,
+                                                      text_tokens=mean_text_tokens(info, prompts))),
         tflops=tflops)

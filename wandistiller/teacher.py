@@ -461,32 +461,36 @@ class Teacher:
         raw = json.dumps([self.source, self._text_encoder_config, str(self.dtype), MAX_SEQUENCE_LENGTH, prompt])
         return hashlib.sha256(raw.encode()).hexdigest()[:32]
 
-    def encode_prompts(self, prompts: list[str] | str, negative: str | None = None):
+    def encode_prompts(self, prompts: list[str] | str, negative: str | None = None, *, keep: bool = True):
         """Prompt embeddings (B, MAX_SEQUENCE_LENGTH, text_dim), cached, exactly as WanPipeline.encode_prompt makes
         them.
 
         With `negative` (a negative prompt, "" for Wan's default), returns (prompt_embeds, negative_embeds).
+        `keep=False` encodes without remembering the new embeddings here (a caller that stores them itself, such
+        as the target cache for 100k prompts, would otherwise hold every one of them in memory twice).
         """
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        self._encode_missing(prompts + ([negative] if negative is not None else []))
-        embeds = torch.cat([self._embed_cache[p] for p in prompts])
+        found = self._encode_missing(prompts + ([negative] if negative is not None else []), keep=keep)
+        embeds = torch.cat([found[p] for p in prompts])
         if negative is None:
             return embeds
-        return embeds, self._embed_cache[negative].expand(len(prompts), -1, -1).clone()
+        return embeds, found[negative].expand(len(prompts), -1, -1).clone()
 
     def _embed_path(self, prompt: str) -> Path | None:
         return self.cache_dir / "prompt_embeds" / f"{self._embed_cache_key(prompt)}.safetensors" if self.cache_dir else None
 
-    def _encode_missing(self, prompts: list[str], batch_size: int = 32) -> None:
+    def _encode_missing(self, prompts: list[str], batch_size: int = 32, keep: bool = True) -> dict:
+        """The embedding of each of `prompts` (from memory, the disk cache or the text encoder), by prompt."""
         from safetensors.torch import load_file, save_file
 
+        found = {p: self._embed_cache[p] for p in prompts if p in self._embed_cache}
         missing = []
         for prompt in dict.fromkeys(prompts):
             path = self._embed_path(prompt)
-            if prompt in self._embed_cache:
+            if prompt in found:
                 continue
             if path is not None and path.is_file():
-                self._embed_cache[prompt] = load_file(path)["prompt_embeds"]
+                found[prompt] = load_file(path)["prompt_embeds"]
             else:
                 missing.append(prompt)
         if missing and self.pipe.text_encoder is None:
@@ -502,13 +506,16 @@ class Teacher:
                 )
             for prompt, embed in zip(chunk, embeds.cpu()):
                 embed = embed[None].clone()
-                self._embed_cache[prompt] = embed
+                found[prompt] = embed
                 path = self._embed_path(prompt)
                 if path is not None:
                     path.parent.mkdir(parents=True, exist_ok=True)
                     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # ranks may write the same prompt
                     save_file({"prompt_embeds": embed}, tmp)
                     os.replace(tmp, path)
+        if keep:
+            self._embed_cache.update(found)
+        return found
 
     # --- velocity ----------------------------------------------------------------------------------------
     @torch.no_grad()

@@ -13,6 +13,8 @@ import torch
 from diffusers.models.attention_dispatch import AttentionBackendName, _AttentionBackendRegistry
 from diffusers.models.transformers.transformer_wan import WanAttnProcessor
 
+from .flow import MAX_SEQUENCE_LENGTH
+
 # Attention backends that add a float mask to the logits. The others reject a mask or silently drop it, so
 # with them the text is not compacted (see `compact_for`).
 ADDITIVE_MASK_BACKENDS = frozenset({AttentionBackendName.NATIVE, AttentionBackendName._NATIVE_MATH,
@@ -47,16 +49,46 @@ def install(blocks) -> PaddedTextAttnProcessor:
     return processor
 
 
+def text_lengths(states: torch.Tensor) -> torch.Tensor:
+    """(B,) the true length of each row of (B, L, D) zero-padded text: one past its last non-zero row.
+
+    A row is padding when it and every row after it are all zero (Wan's padding), so cutting the text at these
+    lengths and zero-padding it again (`trim_text`, `pad_text`) gives back the very same tensor.
+    """
+    positions = torch.arange(1, states.shape[1] + 1, device=states.device)
+    return (states.ne(0).any(-1) * positions).amax(1)
+
+
+def trim_text(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L, D) zero-padded text -> (tokens, lengths): every row's true tokens one after another, (sum of
+    lengths, D), and the (B,) lengths. The padding is dropped; `pad_text` puts it back exactly."""
+    lengths = text_lengths(states)
+    keep = torch.arange(states.shape[1], device=states.device) < lengths[:, None]
+    return states[keep], lengths
+
+
+def pad_text(tokens: torch.Tensor, lengths: torch.Tensor, total_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
+    """The inverse of `trim_text`: (B, total_length, D) text, row i its `lengths[i]` tokens, then zeros (as
+    WanPipeline pads to its max_sequence_length)."""
+    lengths = torch.as_tensor(lengths, device=tokens.device)
+    states = tokens.new_zeros(len(lengths), total_length, tokens.shape[-1])
+    states[torch.arange(total_length, device=tokens.device) < lengths[:, None]] = tokens
+    return states
+
+
 def compact_text(states: torch.Tensor, total_length: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, L, D) zero-padded text -> (compacted text, logit bias), or (states, None) when nothing is padding.
 
     A row is padding when it and every row after it are all zero (Wan's padding). `total_length` is the number
     of rows the text stands for (default L; more when `states` was already cut shorter than WanPipeline's 512).
+    Meta tensors (counting FLOPs without memory) have no values to find padding in: every row is kept.
     """
+    if states.is_meta:
+        return states, None
     batch, length, width = states.shape
     total_length = total_length or length
     positions = torch.arange(1, length + 1, device=states.device)
-    lengths = (states.ne(0).any(-1) * positions).amax(1)  # one past the last non-zero row
+    lengths = text_lengths(states)
     keep = int(lengths.max())
     if keep == total_length:
         return states, None
