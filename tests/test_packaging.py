@@ -49,7 +49,10 @@ def test_configs_prompts_and_notebooks_ship_inside_the_package():
     shipped = [f"assets/{folder}/{path.name}" for folder, pattern in
                (("config", "*.json"), ("data", "*.txt"), ("notebooks", "*.ipynb"))
                for path in sorted((ROOT / folder).glob(pattern))]
-    assert len(shipped) >= 8
+    toy_world = sorted(p for p in (ROOT / "data" / "toy_world").rglob("*") if p.is_file())  # the toy-world teacher
+    assert len(toy_world) >= 10
+    shipped += [f"assets/{p.relative_to(ROOT).as_posix()}" for p in toy_world]
+    assert len(shipped) >= 18
     for name in shipped:
         assert any(fnmatch(name, pattern) for pattern in package_data["wandistiller"]), f"{name} is not package data"
         # found through importlib.resources, and it is the repository's own file (not a copy that could drift)

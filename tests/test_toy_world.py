@@ -67,6 +67,19 @@ def test_scorer_accepts_pil_images():
     assert score_image(Image.fromarray(array), scene.caption)["all"] is True
 
 
+def test_alignment_table_has_one_row_per_model_with_its_rates():
+    from wandistiller.evaluate import alignment_table
+
+    scenes = [_still("square", "red", "blue"), _still("circle", "white", "green"), _still("triangle", "black", "red")]
+    prompts = [s.caption for s in scenes]
+    right = [shapes.render(s)[:, 0] for s in scenes]
+    wrong_shape = [shapes.render(shapes.Scene(**{**s.__dict__, "shape": "circle"}))[:, 0] for s in scenes]
+    table = alignment_table({"right": right, "circles only": wrong_shape}, prompts)
+    assert table.columns == ("model", "background", "colour", "shape", "all-correct")
+    assert table.rows[0] == ("right", 1.0, 1.0, 1.0, 1.0)
+    assert table.rows[1] == ("circles only", 1.0, 1.0, pytest.approx(1 / 3), pytest.approx(1 / 3))
+
+
 def test_captions_round_trip_and_bad_captions_are_refused():
     for motion in shapes.MOTIONS:
         scene = shapes.Scene("circle", "red", "blue", motion)

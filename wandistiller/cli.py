@@ -226,9 +226,9 @@ def _add_teacher_commands(sub) -> None:
 
 def _add_run_commands(sub) -> None:
     """demo, run (a notebook) and distill."""
-    p = sub.add_parser("demo", help="run the kit end to end on the embedded tiny teacher")
+    p = sub.add_parser("demo", help="run the kit end to end on the toy-world teacher")
     p.add_argument("--output-dir", default="outputs/demo", help="where results go (default: outputs/demo)")
-    p.add_argument("--teacher-path", default="tiny", help="teacher directory or hub id (default: the tiny teacher)")
+    p.add_argument("--teacher-path", default="toy", help="teacher directory or hub id (default: the toy-world teacher)")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser(

@@ -101,12 +101,30 @@ def teacher_and_student_images(teacher, student_pipe, prompts: list[str], *, hei
 
 
 @torch.no_grad()
+def step_count_images(teacher, student_pipe, prompts: list[str], *, step_counts=(1, 2, 4, 8), teacher_steps: int,
+                      height: int, width: int, seed: int = 0) -> dict:
+    """The teacher at `teacher_steps` and the student at each of `step_counts`, all from the same noise:
+    {"teacher, N steps": [...], "student, n steps": [...], ...} PIL images for `prompts`. The student samples
+    with its pipeline's defaults (a few-step pipeline: evenly spaced Euler steps, no guidance when distilled)."""
+    rows = teacher_and_student_images(teacher, student_pipe, prompts, height=height, width=width,
+                                      num_inference_steps=teacher_steps, seed=seed)
+    rows = {f"teacher, {teacher_steps} steps": rows["teacher"]}
+    noise = _noise(teacher, len(prompts), height, width, seed)[:, :, 0]
+    embeds, negative = teacher.encode_prompts(prompts, negative="")
+    for steps in step_counts:
+        rows[f"student, {steps} step{'s' if steps > 1 else ''}"] = student_pipe(
+            prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, num_inference_steps=steps,
+            output_type="pil").images
+    return rows
+
+
+@torch.no_grad()
 def expert_images(teacher, prompts: list[str], *, height: int, width: int, num_inference_steps: int,
                   seed: int = 0) -> dict:
-    """What each expert draws, from the same noise: PIL images for `prompts` in rows "high-noise expert (<name>)
-    alone", "low-noise expert (<name>) alone" and "both (the teacher)". Alone, an expert runs every step of the
-    teacher's sampler (scheduler and guidance); "both" is the teacher's own sampling, one expert above the
-    boundary and the other below it. A single-expert teacher gives one row, "the teacher"."""
+    """What each expert draws, from the same noise: PIL images for `prompts` in rows "high-noise expert alone",
+    "low-noise expert alone" and "both experts". Alone, an expert runs every step of the teacher's sampler (its
+    scheduler and guidance); "both experts" is the teacher's own sampling, one expert above the boundary and
+    the other below it. A single-expert teacher gives one row, "the teacher"."""
     from diffusers.image_processor import VaeImageProcessor
 
     from .data import TargetSpec, record_trajectories
@@ -119,9 +137,9 @@ def expert_images(teacher, prompts: list[str], *, height: int, width: int, num_i
         for role in ("high_noise", "low_noise"):
             name = teacher.expert_for_role(role)
             with teacher.only_expert(name):
-                latents[f"{role.replace('_', '-')} expert ({name}) alone"] = _one_expert_sampler(
+                latents[f"{role.replace('_', '-')} expert alone"] = _one_expert_sampler(
                     teacher, name, embeds, negative, noise, num_inference_steps)()
-    _, latents["both (the teacher)" if latents else "the teacher"] = record_trajectories(
+    _, latents["both experts" if latents else "the teacher"] = record_trajectories(
         teacher, embeds, negative, noise, TargetSpec(num_inference_steps=num_inference_steps), progress=False)
     processor = VaeImageProcessor(vae_scale_factor=teacher.vae_scale_factor)
     return {label: decode_wan_latents(teacher.pipe.vae, z[:, :, 0], processor) for label, z in latents.items()}
