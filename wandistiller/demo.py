@@ -10,7 +10,7 @@ from .data import packaged_file
 NOTEBOOK_DIR = packaged_file("notebooks")
 # What the demo changes in the notebooks' parameters: a student worth looking at, scored on every held-out prompt.
 DEMO_PARAMETERS = {
-    "03_distill.ipynb": {"num_inference_steps": 20, "trajectories_per_prompt": 2, "num_epochs": 8, "batch_size": 16,
+    "03_distill.ipynb": {"num_inference_steps": 20, "trajectories_per_prompt": 1, "num_epochs": 12, "batch_size": 16,
                          "lr": 1e-3},
     "04_sample_and_evaluate.ipynb": {"num_prompts": 24},
     "05_few_step.ipynb": {"num_epochs": 4, "num_prompts": 24},
