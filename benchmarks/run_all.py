@@ -23,6 +23,7 @@ HERE = Path(__file__).resolve().parent
 BENCHMARKS = {  # script -> (arguments, what it answers)
     "kit_overhead": (["--steps", "25", "--rounds", "2"], "What does `distill()` add over a bare torch loop?"),
     "distill_memory_and_speed": ([], "What is resident while recording and training; cache vs online steps/s"),
+    "cache_scale": ([], "Target cache: bytes per prompt, memory at 200 vs 3,000 prompts, streamed vs in-memory speed"),
     "sampling_speed": (["--repeats", "3"], "Student vs teacher: images/s here, parameters and FLOPs at full size"),
     "projection_init_error": (["--seeds", "4"], "Projection methods vs random init: error before training"),
     "vae2d": (["--repeats", "3"], "Wan's 3D VAE vs its exact 2D form"),

@@ -143,3 +143,119 @@ def test_bytes_per_prompt_at_the_tiny_defaults_are_what_the_cache_takes(lazy_tea
     tokens = float(load_file(tmp_path / "3" / "text_00000.safetensors")["lengths"][1:].float().mean())
     computed = cache_bytes_per_prompt(spec, latent_channels=16, latent_hw=(8, 8), text_dim=32, text_tokens=tokens)
     assert computed == pytest.approx((sizes[3] - sizes[1]) / 2, rel=0.05)
+
+
+def test_streamed_records_are_the_in_memory_ones(lazy_teacher, tmp_path):
+    """TargetShards (read from disk record by record) gives for every index what load_target_cache (all in memory)
+    gives: the record, its prompt's re-padded embeddings, its trajectory's reflow pair, bit for bit."""
+    from wandistiller.cache import TargetShards, stream_target_cache
+
+    prompts = PROMPTS + ["a paper boat on a pond", "a snowy mountain village"]
+    spec = TargetSpec(num_inference_steps=3, trajectories_per_prompt=2, shard_prompts=2)
+    build_target_cache(lazy_teacher, prompts, tmp_path / "cache", spec, progress=False)
+    memory, manifest = load_target_cache(tmp_path / "cache", lazy_teacher.fingerprint, spec, prompts)
+    streamed = stream_target_cache(tmp_path / "cache", lazy_teacher.fingerprint, spec, prompts)
+    assert isinstance(streamed, TargetShards) and len(streamed) == len(memory) == 5 * 2 * 3
+    assert streamed.shard_sizes == memory.shard_sizes == [12, 12, 6]
+    for index in range(len(memory)):
+        a, b = memory[index], streamed[index]
+        assert set(a) == set(b) == {*SHARD_KEYS, "prompt_embeds"}
+        for key in a:
+            torch.testing.assert_close(b[key], a[key], rtol=0, atol=0, msg=lambda m: f"record {index}, {key}: {m}")
+    torch.testing.assert_close(streamed.embeddings([4, 0, 2]), memory.prompt_embeds[[4, 0, 2]], rtol=0, atol=0)
+    torch.testing.assert_close(streamed.negative_embeds, memory.negative_embeds, rtol=0, atol=0)
+    trajectories = torch.tensor([9, 0, 5, 4, 1])
+    for got, expected in zip(streamed.reflow_pairs(trajectories), memory.reflow_pairs(trajectories)):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    with pytest.raises(FileNotFoundError, match="holds no complete target cache"):
+        stream_target_cache(tmp_path / "none", lazy_teacher.fingerprint, spec, prompts)
+
+
+def test_shard_aware_order_is_exact_under_ranks_and_resume():
+    from wandistiller.cache import ShardedShuffleSampler
+
+    sizes = [7, 5, 6, 3, 4, 8, 2, 5, 6, 1]
+    starts = [0, *torch.tensor(sizes).cumsum(0).tolist()]
+    shard_of = {i: k for k in range(len(sizes)) for i in range(starts[k], starts[k + 1])}
+    one = ShardedShuffleSampler(sizes, seed=3, window=3)
+    orders = [one.order(epoch) for epoch in range(3)]
+    for order in orders:  # every record once, in runs that each hold every record of at most 3 shards
+        assert sorted(order.tolist()) == list(range(sum(sizes)))
+        shards, position = [shard_of[i] for i in order.tolist()], 0
+        while position < len(shards):
+            left = {}
+            while True:
+                k = shards[position]
+                if k not in left:
+                    assert len(left) < 3, f"records of a 4th shard inside a window at position {position}"
+                    left[k] = sizes[k]
+                left[k] -= 1
+                position += 1
+                if not any(left.values()) and (len(left) == 3 or position == len(shards)):
+                    break
+    assert not torch.equal(orders[0], orders[1])
+    # two or three ranks together read, batch after batch, what one process reads
+    for world in (2, 3):
+        ranks = [ShardedShuffleSampler(sizes, num_replicas=world, rank=r, seed=3, window=3) for r in range(world)]
+        for sampler in ranks:
+            sampler.set_epoch(1)
+        dealt = [list(sampler) for sampler in ranks]
+        assert all(len(d) == len(ranks[0]) == sum(sizes) // world for d in dealt)
+        interleaved = [dealt[r][i] for i in range(len(dealt[0])) for r in range(world)]
+        assert interleaved == orders[1][:len(interleaved)].tolist()
+        # resuming at this rank's 5th record reads the rest of what the uninterrupted epoch reads
+        ranks[1].set_epoch(1, start=5)
+        assert list(ranks[1]) == dealt[1][5:]
+    # a cache of one window: DistributedSampler's order, to the index
+    reference = torch.utils.data.DistributedSampler(range(sum(sizes[:3])), num_replicas=2, rank=1, shuffle=True,
+                                                    seed=3, drop_last=True)
+    reference.set_epoch(2)
+    mine = ShardedShuffleSampler(sizes[:3], num_replicas=2, rank=1, seed=3)
+    mine.set_epoch(2)
+    assert list(mine) == list(reference)
+
+
+def test_a_second_job_writing_the_same_cache_is_refused_and_a_stale_lock_taken_over(lazy_teacher, tmp_path,
+                                                                                     monkeypatch):
+    import os
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    import wandistiller.cache
+    from wandistiller.cache import LOCK_STALE_SECONDS, CacheLock
+
+    spec = TargetSpec(num_inference_steps=2)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    lock = cache / "cache.lock"
+
+    def held_by(host, pid, age=0.0):
+        lock.write_text(json.dumps({"host": host, "pid": pid, "started": "2026-11-29 10:00:00"}))
+        os.utime(lock, (time.time() - age, time.time() - age))
+
+    refused = rf"^another job \(process {{pid}} on {{host}}, since 2026-11-29 10:00:00\) is writing the target cache " \
+              rf"{cache}: wait for it, or choose another cache_dir; if that job is gone, delete {lock}$"
+    for host, pid in ((socket.gethostname(), os.getppid()), ("node-7", 1234)):  # alive here; elsewhere, recent
+        held_by(host, pid)
+        with pytest.raises(RuntimeError, match=refused.format(pid=pid, host=host)):
+            build_target_cache(lazy_teacher, PROMPTS, cache, spec, progress=False)
+        assert not list(cache.glob("*.safetensors")) and json.loads(lock.read_text())["pid"] == pid  # untouched
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for host, pid, age in ((socket.gethostname(), int(gone.stdout), 0.0), ("node-7", 1234, LOCK_STALE_SECONDS + 5)):
+        held_by(host, pid, age)
+        with pytest.warns(UserWarning, match=f"taking over the stale lock {lock} of process {pid} on {host}"):
+            build_target_cache(lazy_teacher, PROMPTS[:1], cache, spec, progress=False)
+        assert (cache / "manifest.json").is_file() and not lock.exists()  # released once the cache is complete
+        for file in cache.iterdir():
+            file.unlink()
+    # while held, the lock is touched: a live job's lock never looks stale
+    monkeypatch.setattr(wandistiller.cache, "LOCK_HEARTBEAT_SECONDS", 0.05)
+    held = CacheLock.acquire(cache)
+    assert CacheLock.acquire(cache) is held  # the same process takes it again freely
+    os.utime(lock, (time.time() - 100, time.time() - 100))
+    time.sleep(0.5)
+    assert time.time() - lock.stat().st_mtime < 5
+    held.release()
+    assert not lock.exists()

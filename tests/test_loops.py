@@ -92,6 +92,26 @@ def test_cached_training_needs_no_teacher_and_matches_online(tmp_path, monkeypat
     assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
 
 
+def test_training_streamed_from_disk_equals_training_from_memory(tmp_path, monkeypatch):
+    """distill() reads the cache from disk record by record (cache.TargetShards); with the cache loaded whole into
+    memory instead (cache.load_target_cache) it trains the same run bit for bit, over several shuffle windows
+    (a window of one shard here, so 12 prompts make two)."""
+    import wandistiller.cache
+    import wandistiller.loops
+
+    monkeypatch.setattr(wandistiller.cache, "SHUFFLE_WINDOW_SHARDS", 1)
+    common = dict(data_path=_prompts_file(tmp_path, 12), student_config=SMALL, student_init="random",
+                  latent_source="noise", samples_per_prompt=2, batch_size=4, num_epochs=2, lr=1e-3, ema_decay=0.9,
+                  progress=False, save_samples=False, cache_dir=str(tmp_path / "cache"))
+    streamed = distill(output_dir=str(tmp_path / "streamed"), **common)
+    monkeypatch.setattr(wandistiller.loops, "stream_target_cache",
+                        lambda *args: wandistiller.cache.load_target_cache(*args)[0])
+    memory = distill(output_dir=str(tmp_path / "memory"), **common)
+    assert streamed.steps == memory.steps == 2 * 24 // 4
+    assert _losses(streamed.metrics_path) == _losses(memory.metrics_path)
+    assert_same_final_state(streamed.output_dir, memory.output_dir)
+
+
 def test_feature_distillation_trains_adapters(tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("\n".join(read_prompts()[:4]), encoding="utf-8")

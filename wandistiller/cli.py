@@ -113,6 +113,20 @@ def _distill(args) -> int:
     return 0
 
 
+def _record_targets(args) -> int:
+    import json
+
+    from .loops import record_targets
+
+    params = {k: v for k, v in vars(args).items() if k not in ("command", "func") and v is not None}
+    manifest = record_targets(**params)
+    if os.environ.get("RANK", "0") == "0":
+        count = sum(shard["count"] for shard in json.loads(manifest.read_text())["shards"])
+        print(f"target cache complete in {manifest.parent} ({count} targets); train from it with `wandistiller "
+              f"distill --cache_dir {manifest.parent}` and the same target flags")
+    return 0
+
+
 def _image_output_path(output: str, overwrite: bool) -> Path:
     """`output` checked before any weights load: a format PIL writes, and no silent overwrite."""
     from PIL import Image
@@ -225,7 +239,7 @@ def _add_teacher_commands(sub) -> None:
 
 
 def _add_run_commands(sub) -> None:
-    """demo, run (a notebook) and distill."""
+    """demo, run (a notebook), distill and record-targets."""
     p = sub.add_parser("demo", help="run the kit end to end on the toy-world teacher")
     p.add_argument("--output-dir", default="outputs/demo", help="where results go (default: outputs/demo)")
     p.add_argument("--teacher-path", default="toy", help="teacher directory or hub id (default: the toy-world teacher)")
@@ -248,6 +262,16 @@ def _add_run_commands(sub) -> None:
                                    "-m wandistiller distill ... --distributed` every rank runs this command.")
     _add_distill_arguments(p)
     p.set_defaults(func=_distill)
+
+    p = sub.add_parser("record-targets", help="record the teacher targets alone, for a later distill (works under "
+                                              "torchrun)",
+                       description="Run the teacher side of `distill` alone: record the teacher targets into "
+                                   "--cache_dir (default OUTPUT_DIR/cache) and stop. It takes distill's flags; those "
+                                   "of the targets must be the same for the later `distill --cache_dir ...`, which "
+                                   "then trains without loading the teacher. Under `torchrun` (any number of nodes) "
+                                   "every rank records its share of the shards; run it again to resume.")
+    _add_distill_arguments(p)
+    p.set_defaults(func=_record_targets)
 
 
 def _add_generate_command(sub) -> None:

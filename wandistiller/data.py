@@ -308,43 +308,67 @@ class TargetSpec:
 
 class TargetSet(torch.utils.data.Dataset):
     """Targets in memory: per-sample tensors plus the tables they index into: prompt embeddings (`prompt_index`)
-    and, for trajectory targets, each trajectory's final latents (`trajectory`, see `TRAJECTORY_TABLE`)."""
+    and, for trajectory targets, each trajectory's final latents (`trajectory`, see `TRAJECTORY_TABLE`). An item
+    is a record with its prompt's embeddings; `shard_sizes` (records per cache shard, in order) shapes the data
+    order as it does for the cache read from disk (`cache.TargetShards`), so both train alike."""
 
-    def __init__(self, tensors: dict, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor):
+    def __init__(self, tensors: dict, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor,
+                 shard_sizes: list[int] | None = None):
         self.tensors = {key: value for key, value in tensors.items() if key not in TRAJECTORY_TABLE}
         self.trajectories = {key: tensors[key] for key in TRAJECTORY_TABLE if key in tensors}
         self.prompt_embeds = prompt_embeds
         self.negative_embeds = negative_embeds
+        self.shard_sizes = shard_sizes or [len(self)]
         self._pairs = None
 
-    def reflow_pairs(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(noise, final): per trajectory (indexed by the records' `trajectory`), the noise the teacher's sampler
-        started from (the latents of the trajectory's first, highest-timestep record, which are that noise
-        itself) and the clean latent it ended at, each (num_trajectories, C, H, W)."""
+    def embeddings(self, prompt_indices) -> torch.Tensor:
+        """The zero-padded embeddings (B, 512, D) of the prompts `prompt_indices`."""
+        return self.prompt_embeds[prompt_indices]
+
+    def reflow_pairs(self, trajectories: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(noise, final) of the trajectories `trajectories` (ids, as the records' `trajectory`; None: all, in id
+        order): the noise the teacher's sampler started from (the latents of the trajectory's first,
+        highest-timestep record, which are that noise itself) and the clean latent it ended at, (N, C, H, W) each."""
         if self._pairs is None:
             if "trajectory" not in self.tensors or "final_latents" not in self.trajectories:
                 raise ValueError("these targets hold no teacher trajectories (noise, final latents): reflow needs "
                                  "latent_source='trajectory'")
-            trajectory, timesteps = self.tensors["trajectory"], self.tensors["timesteps"]
+            t = self.tensors
             final = self.trajectories["final_latents"]
-            first = torch.full((len(final),), -torch.inf, dtype=timesteps.dtype)
-            first = first.scatter_reduce(0, trajectory, timesteps, "amax")
-            starts = timesteps == first[trajectory]
-            owner = self.trajectories["final_prompt_index"][trajectory]
-            if not (torch.equal(owner, self.tensors["prompt_index"])
-                    and torch.equal(torch.sort(trajectory[starts]).values, torch.arange(len(final)))):
-                raise ValueError("the target cache's trajectories do not fit together (a record of another prompt's "
-                                 "trajectory, or a trajectory without its first step): rebuild it with overwrite=True")
-            noise = torch.empty_like(final)
-            noise[trajectory[starts]] = self.tensors["latents"][starts].to(final.dtype)
-            self._pairs = noise, final
-        return self._pairs
+            rows = trajectory_starts(t["trajectory"], t["timesteps"], t["prompt_index"],
+                                     self.trajectories["final_prompt_index"])
+            self._pairs = t["latents"][rows].to(final.dtype), final
+        noise, final = self._pairs
+        return (noise, final) if trajectories is None else (noise[trajectories], final[trajectories])
 
     def __len__(self) -> int:
         return len(self.tensors["timesteps"])
 
     def __getitem__(self, index: int) -> dict:
-        return {key: value[index] for key, value in self.tensors.items()}
+        item = {key: value[index] for key, value in self.tensors.items()}
+        return dict(item, prompt_embeds=self.prompt_embeds[item["prompt_index"]])
+
+
+def trajectory_starts(trajectory: torch.Tensor, timesteps: torch.Tensor, prompt_index: torch.Tensor,
+                      final_prompt_index: torch.Tensor, first: int = 0) -> torch.Tensor:
+    """The record row of the first (highest-timestep) step of each of the trajectories `first`, `first + 1`, ...,
+    one per row of the trajectory table (`final_prompt_index`), given the records' trajectory ids, timesteps and
+    prompts. Raises unless every record belongs to a trajectory of its own prompt and every trajectory has exactly
+    one first step."""
+    local = trajectory - first
+    count = len(final_prompt_index)
+    fits = bool(((local >= 0) & (local < count)).all())
+    if fits:
+        top = torch.full((count,), -torch.inf, dtype=timesteps.dtype).scatter_reduce(0, local, timesteps, "amax")
+        starts = torch.nonzero(timesteps == top[local]).flatten()
+        fits = (torch.equal(final_prompt_index[local], prompt_index)
+                and torch.equal(torch.sort(local[starts]).values, torch.arange(count)))
+    if not fits:
+        raise ValueError("the target cache's trajectories do not fit together (a record of another prompt's "
+                         "trajectory, or a trajectory without its first step): rebuild it with overwrite=True")
+    rows = torch.empty(count, dtype=torch.long)
+    rows[local[starts]] = starts
+    return rows
 
 
 def _prompt_noise(teacher, spec: TargetSpec, prompt_index: int, sample: int = 0) -> torch.Tensor:

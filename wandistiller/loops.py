@@ -24,7 +24,10 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from .cache import build_target_cache, load_target_cache, open_target_cache, write_prompt_embeddings
+from .cache import (
+    ShardedShuffleSampler, build_target_cache, open_target_cache, stream_target_cache, wait_for_files,
+    write_prompt_embeddings,
+)
 from .data import DEFAULT_PROMPTS_PATH, TargetSpec, make_online_inputs, packaged_file, read_prompts
 from .loss import DistillLoss, FeatureAdapters, NonFiniteLossError, check_finite, non_finite_message
 from .model import StudentConfig, WanLiteTransformer2DModel, load_student_config, student_model_config
@@ -265,7 +268,8 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     teacher = _LazyTeacher(cfg, rt.is_main or not run.placement.shared)
     checkpoints = list_checkpoints(out) if cfg.resume else []
     sample_prompts = list(cfg.sample_prompts or run.prompts[:2])
-    targets = _prepare_targets(cfg, run, rt, teacher, sample_prompts, checkpoints)  # 2. teacher targets
+    projects = cfg.student_init == "projection" and not checkpoints and rt.is_main
+    targets = _prepare_targets(cfg, run, rt, teacher, sample_prompts, projects)  # 2. teacher targets
     student, report, state = _prepare_student(cfg, run, rt, teacher, checkpoints)  # 3. the student
     tr = _make_training(cfg, run, rt, student, report, state, targets)  # 4. loss, optimiser, schedule, EMA
     metrics = _prepare_metrics(out / "metrics.jsonl", tr.step, rt.is_main)
@@ -282,6 +286,26 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
         torch.manual_seed(cfg.seed)
     _train(cfg, rt, tr, targets, online, out, metrics, samples, callbacks)  # 5. the train loop
     return _export(cfg, rt, out, run, tr, metrics, samples, callbacks)  # 6. student, EMA and pipeline
+
+
+def record_targets(config: DistillConfig | None = None, /, **params) -> Path:
+    """Only the teacher side of `distill()`: record the teacher targets into the cache (`cache_dir`, default
+    output_dir/cache) and stop; returns its manifest's path. Takes `distill()`'s parameters (those of the targets
+    matter: teacher, prompts, latent_source, image size, steps, cfg_distill, cache_dtype, ...; the others are only
+    checked). Under torchrun, on any number of nodes, every rank records its share of the shards; an interrupted
+    job resumes shard by shard; a second job writing the same cache is refused. A later `distill()` with the same
+    target parameters and cache_dir trains from the cache without loading the teacher (with student_init other
+    than projection, which reads the teacher's weights)."""
+    cfg = _resolve_config(config, params)
+    rt = _setup_distributed(cfg)
+    _check(cfg, rt.world_size)
+    if cfg.teacher_targets != "cache":
+        raise ValueError("record_targets writes the target cache: drop teacher_targets='online' (that queries the "
+                         "teacher while training instead)")
+    run = _validate(cfg)
+    teacher = _LazyTeacher(cfg, rt.is_main or not run.placement.shared)
+    _prepare_targets(cfg, run, rt, teacher, [], projects=False)
+    return run.cache_dir / "manifest.json"
 
 
 # --- 1. setup and validation: everything checkable before any weights are loaded ----------------------------
@@ -570,10 +594,11 @@ class _LazyTeacher:
 
 
 def _prepare_targets(cfg: DistillConfig, run: _RunInputs, rt: _Dist, teacher: _LazyTeacher, sample_prompts: list,
-                     checkpoints: list):
+                     projects: bool):
     """The teacher targets: from the cache (built here if missing; the teacher is loaded only to build it), or,
     for online training, the inputs the loop queries the teacher at. With overwrite=True a cache of another
-    teacher, spec or prompts is discarded first, never reused."""
+    teacher, spec or prompts is discarded first, never reused. `projects`: this rank projects the student from
+    the teacher (its calibration prompts are encoded with the rest)."""
     prompts, spec, cache_dir, shared = run.prompts, run.spec, run.cache_dir, run.placement.shared
     if run.cache_mismatch:
         rt.barrier()
@@ -581,8 +606,8 @@ def _prepare_targets(cfg: DistillConfig, run: _RunInputs, rt: _Dist, teacher: _L
             open_target_cache(cache_dir, run.fingerprint, spec, prompts, discard_mismatch=True)
         rt.barrier()
     cache_complete = (cache_dir / "manifest.json").is_file()
-    projects = cfg.student_init == "projection" and not checkpoints and rt.is_main
     rank, world_size = (0, 1) if shared else (rt.rank, rt.world_size)
+    barrier = None if shared else rt.barrier
     progress = cfg.progress and rt.is_main
     if teacher.holds_teacher and (cfg.teacher_targets == "online" or not cache_complete or projects):
         # All text work first, then free the text encoder (UMT5-XXL: 5.7 B) before any expert is loaded: the
@@ -592,17 +617,18 @@ def _prepare_targets(cfg: DistillConfig, run: _RunInputs, rt: _Dist, teacher: _L
             teacher().encode_prompts(prompts)
         elif not cache_complete:
             write_prompt_embeddings(teacher(), prompts, cache_dir, spec, rank=rank, world_size=world_size,
-                                    progress=progress)
+                                    barrier=barrier, progress=progress)
         teacher().release_text_encoder()
     if cfg.teacher_targets == "online":
         return make_online_inputs(teacher(), prompts, spec, progress=progress)
     if not cache_complete:
         if teacher.holds_teacher:
             build_target_cache(teacher(), prompts, cache_dir, spec, rank=rank, world_size=world_size,
-                               barrier=None if shared else rt.barrier, progress=progress)
-        if shared:
+                               barrier=barrier, progress=progress)
+        if shared:  # rank 0 records alone: the others wait for its manifest on disk, then together
+            wait_for_files([cache_dir / "manifest.json"])
             rt.barrier()
-    return load_target_cache(cache_dir, run.fingerprint, spec, prompts)[0]
+    return stream_target_cache(cache_dir, run.fingerprint, spec, prompts)
 
 
 # --- 3. the student --------------------------------------------------------------------------------------------
@@ -654,7 +680,7 @@ class _Training:
     optimizer: torch.optim.Optimizer
     lr_scheduler: object
     ema: object | None
-    sampler: torch.utils.data.DistributedSampler
+    sampler: ShardedShuffleSampler
     loader: torch.utils.data.DataLoader
     batches_per_epoch: int  # loader batches an epoch uses: steps per epoch x gradient_accumulation_steps
     total_steps: int
@@ -703,9 +729,9 @@ def _make_training(cfg: DistillConfig, run: _RunInputs, rt: _Dist, student, repo
 
 
 def _data_order(cfg: DistillConfig, rt: _Dist, targets):
-    """(sampler, loader): each rank's share of the shuffled targets, in batches of batch_size / world_size."""
-    sampler = torch.utils.data.DistributedSampler(targets, num_replicas=rt.world_size, rank=rt.rank, shuffle=True,
-                                                  seed=cfg.seed, drop_last=True)
+    """(sampler, loader): each rank's share of the shuffled targets, shard-aware (see `ShardedShuffleSampler`), in
+    batches of batch_size / world_size, each record with its prompt's embeddings."""
+    sampler = ShardedShuffleSampler(targets.shard_sizes, num_replicas=rt.world_size, rank=rt.rank, seed=cfg.seed)
     # Each epoch's iterator draws a seed from the loader's generator: with its own, the global RNG (checkpointed)
     # is not advanced by it, so a resumed run's RNG stream is the uninterrupted run's.
     loader = torch.utils.data.DataLoader(targets, batch_size=cfg.batch_size // rt.world_size, sampler=sampler,
@@ -773,10 +799,11 @@ def _train(cfg: DistillConfig, rt: _Dist, tr: _Training, targets, online, out: P
     bar = tqdm(total=tr.total_steps, initial=tr.step, desc="distilling", disable=not (cfg.progress and rt.is_main))
     meter = _Meter(rt)
     while tr.step < tr.total_steps:
-        tr.sampler.set_epoch(tr.epoch)
-        for b, batch in enumerate(tr.loader):
-            if b < tr.batch_in_epoch or b >= tr.batches_per_epoch:
-                continue
+        # from the first batch the last checkpoint had not used: a resumed run reads none it skips
+        tr.sampler.set_epoch(tr.epoch, start=tr.batch_in_epoch * tr.loader.batch_size)
+        for b, batch in enumerate(tr.loader, start=tr.batch_in_epoch):
+            if b >= tr.batches_per_epoch:
+                break
             if cfg.objective == "reflow":
                 batch = _reflow_batch(batch, targets, cfg.seed, tr.step, meter.micro, rt)
             parts = _micro_step(tr.model, tr.loss_fn, batch, targets, online, rt, autocast, tr.step)
@@ -857,7 +884,7 @@ def _micro_step(model, loss_fn, batch, targets, teacher, rt: _Dist, autocast, st
     device = rt.device
     latents = batch["latents"].to(device)
     timesteps = batch["timesteps"].to(device)
-    embeds = targets.prompt_embeds[batch["prompt_index"]].to(device)
+    embeds = batch["prompt_embeds"].to(device)
     teacher_feats = None
     if teacher is None:
         # A cache that keeps one velocity (the guided or the conditional one, as the loss asks) gives it as both:
@@ -887,13 +914,13 @@ def _reflow_batch(batch: dict, targets, seed: int, step: int, micro: int, rt: _D
     several ranks, draws the same levels."""
     from .loss import reflow_targets, sample_timesteps
 
-    noise, final = targets.reflow_pairs()
     index = batch["trajectory"]
+    noise, final = targets.reflow_pairs(index)
     key = hashlib.sha256(f"reflow:{seed}:{step}:{micro}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
     timesteps = sample_timesteps(len(index) * rt.world_size, generator=generator, distribution="uniform")
     timesteps = timesteps[rt.rank::rt.world_size]
-    latents, velocity = reflow_targets(final[index], noise[index], timesteps)
+    latents, velocity = reflow_targets(final, noise, timesteps)
     kept = {key: value for key, value in batch.items() if key not in ("v_cond", "v_uncond")}
     return {**kept, "latents": latents, "timesteps": timesteps, "velocity": velocity}
 
@@ -1027,7 +1054,7 @@ class _Samples:
 def _sample_embeds(targets, prompts, sample_prompts, teacher: _LazyTeacher):
     index = {p: i for i, p in enumerate(prompts)}
     if all(p in index for p in sample_prompts):
-        return targets.prompt_embeds[[index[p] for p in sample_prompts]]
+        return targets.embeddings([index[p] for p in sample_prompts])
     return teacher().encode_prompts(sample_prompts)
 
 

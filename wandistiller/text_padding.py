@@ -70,9 +70,10 @@ def trim_text(states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def pad_text(tokens: torch.Tensor, lengths: torch.Tensor, total_length: int = MAX_SEQUENCE_LENGTH) -> torch.Tensor:
     """The inverse of `trim_text`: (B, total_length, D) text, row i its `lengths[i]` tokens, then zeros (as
     WanPipeline pads to its max_sequence_length)."""
-    lengths = torch.as_tensor(lengths, device=tokens.device)
+    lengths = torch.as_tensor(lengths).tolist()
     states = tokens.new_zeros(len(lengths), total_length, tokens.shape[-1])
-    states[torch.arange(total_length, device=tokens.device) < lengths[:, None]] = tokens
+    for row, rows in zip(states, tokens.split(lengths)):
+        row[:len(rows)] = rows
     return states
 
 
