@@ -26,6 +26,8 @@ BENCHMARKS = {  # script -> (arguments, what it answers)
     "cache_scale": ([], "Target cache: bytes per prompt, memory at 200 vs 3,000 prompts, streamed vs in-memory speed"),
     "sampling_speed": (["--repeats", "3"], "Student vs teacher: images/s here, parameters and FLOPs at full size"),
     "projection_init_error": (["--seeds", "4"], "Projection methods vs random init: error before training"),
+    "projection_steps": (["--steps", "150"], "Projection methods vs random init: steps to reach random init's final loss"),
+    "student_shape": (["--steps", "150"], "Iso-FLOP sweep: which student shape, wide-shallow to narrow-deep, learns best"),
     "vae2d": (["--repeats", "3"], "Wan's 3D VAE vs its exact 2D form"),
 }
 _NOISE = re.compile(r"(Loading|Writing|Fetching|it/s\]|s/it\]|\r)")

@@ -8,6 +8,7 @@ from matplotlib.figure import Figure
 from wandistiller import analysis as wi
 from wandistiller import viz
 from wandistiller.data import read_prompts
+from wandistiller.model import WanLiteTransformer2DModel
 from wandistiller.projection import make_calibration, project
 
 SMALL = {"hidden_size": 16, "depth": 2, "num_heads": 1, "ffn_dim": 32}
@@ -160,6 +161,15 @@ def test_initial_errors_rank_methods(tiny_teacher):
     assert "vs importance" in text and "1.00x" in text
     with pytest.raises(ValueError, match="unknown initialisation method"):
         wi.initial_errors(tiny_teacher, SMALL, methods=("magic",), seeds=1)
+
+
+def test_held_out_error_on_the_teachers_own_trajectories(tiny_ti2v_teacher):
+    teacher = tiny_ti2v_teacher  # one expert: a full-size projection is exact at every step (per-token timesteps)
+    held_out = wi.held_out_set(teacher, read_prompts()[-2:], height=64, width=64, num_inference_steps=3, guided=False)
+    assert len(held_out.timesteps) == len(held_out.velocity) == 2 * 3 and held_out.per_token  # every step, both prompts
+    exact = project(teacher, wi.full_size_student_config(teacher.transformer_config()))[0]
+    random = WanLiteTransformer2DModel.from_student_config(SMALL, teacher.transformer_config(), seed=0)
+    assert wi.held_out_error(exact, held_out, batch_size=4) < 1e-9 < 0.1 < wi.held_out_error(random, held_out)
 
 
 def test_projection_figures_show_what_was_kept(tiny_teacher):

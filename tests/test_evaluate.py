@@ -41,6 +41,19 @@ def test_forward_flops_of_an_exact_student_equal_the_teachers(tiny_teacher):
     assert forward_flops(student, (16, 16)) > teacher_flops
 
 
+def test_forward_flops_count_what_runs_on_a_real_prompt(tiny_teacher):
+    """A student skips WanPipeline's zero padding of a real prompt, the teacher computes all 512 rows; on the meta
+    device, where there are no values to find padding in, a student counts every row."""
+    teacher = tiny_teacher.load_expert("transformer")
+    student = WanLiteTransformer2DModel.from_student_config(SMALL, tiny_teacher.transformer_config(), seed=0)
+    prompt = tiny_teacher.encode_prompts(["a red fox sitting in fresh snow"])
+    assert forward_flops(teacher, (8, 8), text=prompt) == forward_flops(teacher, (8, 8))
+    assert forward_flops(student, (8, 8), text=prompt) < forward_flops(student, (8, 8))
+    with torch.device("meta"):
+        meta_student = WanLiteTransformer2DModel.from_config(student.config)
+    assert forward_flops(meta_student, (8, 8), "meta", text=prompt) == forward_flops(meta_student, (8, 8), "meta")
+
+
 @pytest.mark.parametrize("cfg_distilled, student_forwards", [(True, 2), (False, 4)])
 def test_speed_and_size_table(tiny_teacher, cfg_distilled, student_forwards):
     student = WanLiteTransformer2DModel.from_student_config(SMALL, tiny_teacher.transformer_config(), seed=0)

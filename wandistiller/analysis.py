@@ -8,6 +8,8 @@ results are data (tables, scores, dataclasses); their figures and text are made 
 * `expert_schedule`: which A14B expert runs at each step of the scheduler's real timestep schedule.
 * `block_statistics`, `self_attention_weights`: what the blocks do to calibration inputs.
 * `initial_errors`: how close a projected student is to the teacher before training, per projection method.
+* `held_out_set`, `held_out_error`: how close a (trained) student is to the teacher on its own sampling
+  trajectories for prompts the student never saw.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .flow import MAX_SEQUENCE_LENGTH, expert_timestep_range, per_token_timesteps
+from .flow import MAX_SEQUENCE_LENGTH, expert_timestep_range, guided_velocity, per_token_timesteps
 from .viz import Table, expert_schedule_summary, plot_attention_maps, plot_expert_schedule
 
 # Wan 2.2 expert configs (WanTransformer3DModel kwargs) of the published Diffusers checkpoints.
@@ -32,7 +34,9 @@ FULL_SIZE_EXPERTS = {
                     qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024),
 }
 INIT_METHODS = ("importance", "truncate", "svd", "random")
-HELD_OUT_SEEDS = 1000  # `initial_errors` draws its inputs from seeds HELD_OUT_SEEDS + i, apart from calibration seeds
+# `initial_errors` and `held_out_set` draw their noise from seeds HELD_OUT_SEEDS + i, apart from the calibration's
+# and training's.
+HELD_OUT_SEEDS = 1000
 
 
 # -----------------------------------------------------------------------------------------------------------
@@ -303,6 +307,57 @@ def max_velocity_error(student, teacher, calibration) -> float:
     return (prediction - target).abs().max().item()
 
 
+def relative_mse(prediction: torch.Tensor, target: torch.Tensor) -> float:
+    """||prediction - target||^2 / ||target||^2: the velocity error as a fraction of the teacher's velocity."""
+    return ((prediction - target).square().mean() / target.square().mean()).item()
+
+
+@dataclass
+class HeldOutSet:
+    """Every point of the teacher's own sampling trajectories for held-out prompts, with its velocity there.
+
+    Parameters:
+        latents: (N, C, 1, H, W) single-frame x_t, as `student_velocity` takes them.
+        timesteps: (N,) the sampler's timesteps.
+        prompt_embeds: (N, L, text_dim) each point's prompt embeddings.
+        velocity: (N, C, H, W) the teacher's guided velocity (the target of cfg_distill), else its conditional one.
+        per_token: feed the student per-token timesteps (Wan 2.2 TI2V).
+    """
+
+    latents: torch.Tensor
+    timesteps: torch.Tensor
+    prompt_embeds: torch.Tensor
+    velocity: torch.Tensor
+    per_token: bool = False
+
+
+@torch.no_grad()
+def held_out_set(teacher, prompts: list[str], *, height: int, width: int, num_inference_steps: int = 8,
+                 guided: bool = True, seed: int = 0) -> HeldOutSet:
+    """The teacher samples `prompts` (its scheduler, experts and guidance, as `record_trajectories` does for
+    training targets) from noise seeded apart from training's, and every step is kept: the inputs a student
+    meets when it samples, on prompts it was not trained on."""
+    from .data import TargetSpec, record_trajectories
+
+    noise = torch.randn(teacher.latent_shape(len(prompts), height, width),
+                        generator=torch.Generator().manual_seed(HELD_OUT_SEEDS + seed))
+    embeds, negative = teacher.encode_prompts(prompts, negative="")
+    spec = TargetSpec(height=height, width=width, num_inference_steps=num_inference_steps)
+    records, _ = record_trajectories(teacher, embeds, negative, noise, spec, progress=False)
+    v_cond = records["v_cond"]
+    velocity = guided_velocity(v_cond, records["v_uncond"], records["guidance"]) if guided else v_cond
+    return HeldOutSet(records["latents"][:, :, None], records["timesteps"], embeds[records["prompt_index"]],
+                      velocity, teacher.expand_timesteps)
+
+
+def held_out_error(student, held_out: HeldOutSet, batch_size: int = 64) -> float:
+    """The student's relative velocity MSE (`relative_mse`) over all of `held_out`."""
+    predictions = [student_velocity(student, held_out.latents[i:i + batch_size], held_out.timesteps[i:i + batch_size],
+                                    held_out.prompt_embeds[i:i + batch_size], per_token=held_out.per_token)
+                   for i in range(0, len(held_out.timesteps), batch_size)]
+    return relative_mse(torch.cat(predictions), held_out.velocity)
+
+
 @dataclass
 class InitialErrors:
     """Relative velocity MSE, ||v_student - v_teacher||^2 / ||v_teacher||^2, per initialisation method.
@@ -379,6 +434,6 @@ def initial_errors(teacher, student_config, methods: tuple[str, ...] = INIT_METH
         for method, students in models.items():
             for errors, student in zip(per_model[method], students):
                 prediction = student_velocity(student, latents, t, text, per_token=teacher.expand_timesteps)
-                errors.append(((prediction - target).square().mean() / target.square().mean()).item())
+                errors.append(relative_mse(prediction, target))
     errors = {method: [e for model_errors in lists for e in model_errors] for method, lists in per_model.items()}
     return InitialErrors(errors, t_range)

@@ -50,14 +50,20 @@ def num_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def forward_flops(model: torch.nn.Module, latent_hw: tuple[int, int], device: str | torch.device = "cpu") -> int:
-    """FLOPs of one forward on one image (batch 1, MAX_SEQUENCE_LENGTH text tokens); a 3D Wan teacher gets a single frame."""
+def forward_flops(model: torch.nn.Module, latent_hw: tuple[int, int], device: str | torch.device = "cpu",
+                  text: torch.Tensor | None = None) -> int:
+    """FLOPs of one forward on one image (batch 1); a 3D Wan teacher gets a single frame.
+
+    The text is `text` (1, L, text_dim), e.g. a real prompt's embeddings as WanPipeline zero-pads them, or by
+    default MAX_SEQUENCE_LENGTH random rows (no padding): a Wan-Lite student skips the padding of a real prompt
+    (`text_padding`), a Wan teacher computes every row.
+    """
     config = model.config
     h, w = latent_hw
     frame = (1,) if len(config.patch_size) == 3 else ()
     with torch.device(device):  # on meta, Wan's RoPE tables must be made on meta too
         latents = torch.randn(1, config.in_channels, *frame, h, w)
-        text = torch.randn(1, MAX_SEQUENCE_LENGTH, config.text_dim)
+        text = torch.randn(1, MAX_SEQUENCE_LENGTH, config.text_dim) if text is None else text.to(device)
         timestep = torch.full((1,), 500.0)
         with torch.no_grad(), FlopCounterMode(display=False) as counter:
             model(latents, timestep, text, return_dict=False)
