@@ -34,7 +34,9 @@ def test_distill_exports_the_ema_student_with_its_guidance_mode(tmp_path, run_in
     resumed = distill(**run_inputs, output_dir=str(run), resume=True)  # a resumed run re-exports in place
     assert resumed.steps == 2 and load_student_pipeline(run).config.cfg_distilled
 
-    unguided = distill(**run_inputs, output_dir=str(tmp_path / "unguided"), cfg_distill=False)
+    # conditional targets: a cache of their own (a cache keeps only the velocity its loss uses)
+    unguided = distill(**{**run_inputs, "cache_dir": str(tmp_path / "cache_unguided")},
+                       output_dir=str(tmp_path / "unguided"), cfg_distill=False)
     pipe = load_student_pipeline(unguided.output_dir)
     assert not pipe.config.cfg_distilled and pipe.default_guidance_scale() == 4.0  # the tiny A14B's guidance_scale
 
