@@ -126,3 +126,21 @@ def test_expert_images_are_each_expert_alone_and_the_teachers_own_sampling(tiny_
         got = np.stack([np.asarray(im, dtype=np.float64) for im in images])
         assert np.abs(got - reference).max() <= 1, label  # float rounding only: one 8-bit level
     assert any(np.asarray(a).tolist() != np.asarray(b).tolist() for a, b in zip(*list(rows.values())[:2]))
+
+
+def test_step_count_images_share_the_teachers_noise(tiny_teacher):
+    import numpy as np
+
+    from wandistiller.evaluate import step_count_images, teacher_and_student_images
+
+    student = WanLiteTransformer2DModel.from_student_config(SMALL, tiny_teacher.transformer_config(), seed=0)
+    pipe = WanLitePipeline.from_teacher(tiny_teacher, student)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = ["a red circle", "a blue square"]
+    rows = step_count_images(tiny_teacher, pipe, prompts, step_counts=(1, 3), teacher_steps=3, height=64, width=64,
+                             seed=5)
+    assert list(rows) == ["teacher, 3 steps", "student, 1 step", "student, 3 steps"]
+    same = teacher_and_student_images(tiny_teacher, pipe, prompts, height=64, width=64, num_inference_steps=3, seed=5)
+    for label, reference in (("teacher, 3 steps", same["teacher"]), ("student, 3 steps", same["student"])):
+        assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(rows[label], reference)), label
+    assert not all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(rows["student, 1 step"], same["student"]))

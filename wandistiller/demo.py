@@ -30,9 +30,8 @@ def run_demo(output_dir: Path, teacher_path: str = "toy") -> list[Path]:
         print(f"running {notebook.name} ...", flush=True)
         declared = papermill.inspect_notebook(str(notebook))
         parameters = {"teacher_path": teacher_path, "output_dir": str(output_dir)}
-        parameters.update({k: v for k, v in DEMO_PARAMETERS.get(notebook.name, {}).items() if k in declared})
-        if teacher_path != "toy":  # the toy world's settings mean nothing to another teacher
-            parameters = {k: v for k, v in parameters.items() if k in ("teacher_path", "output_dir")}
+        if teacher_path == "toy":  # the toy world's settings mean nothing to another teacher
+            parameters.update({k: v for k, v in DEMO_PARAMETERS.get(notebook.name, {}).items() if k in declared})
         if "overwrite" in declared:
             parameters["overwrite"] = True  # the demo's own folder: each `make demo` starts it afresh
         executed.append(run_notebook(notebook, parameters, output_dir / notebook.name))

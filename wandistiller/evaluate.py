@@ -95,15 +95,22 @@ def teacher_and_student_images(teacher, student_pipe, prompts: list[str], *, hei
     are WanPipeline's up to float rounding. Both are decoded by the student pipeline's VAE (the teacher's, or
     its exact 2D form).
     """
+    noise, embeds, negative, final = _teacher_samples(teacher, prompts, height, width, num_inference_steps, seed)
+    student_images = student_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise[:, :, 0],
+                                  num_inference_steps=num_inference_steps, output_type="pil").images
+    return {"teacher": student_pipe.decode_latents(final[:, :, 0]), "student": student_images}
+
+
+def _teacher_samples(teacher, prompts: list[str], height: int, width: int, num_inference_steps: int, seed: int):
+    """(noise, prompt embeddings, negative embeddings, the teacher's final latents from that noise), sampled
+    expert by expert (`data.record_trajectories`)."""
     from .data import TargetSpec, record_trajectories
 
     noise = _noise(teacher, len(prompts), height, width, seed)
     embeds, negative = teacher.encode_prompts(prompts, negative="")
     _, final = record_trajectories(teacher, embeds, negative, noise,
                                    TargetSpec(num_inference_steps=num_inference_steps), progress=False)
-    student_images = student_pipe(prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise[:, :, 0],
-                                  num_inference_steps=num_inference_steps, output_type="pil").images
-    return {"teacher": student_pipe.decode_latents(final[:, :, 0]), "student": student_images}
+    return noise, embeds, negative, final
 
 
 @torch.no_grad()
@@ -112,15 +119,12 @@ def step_count_images(teacher, student_pipe, prompts: list[str], *, step_counts=
     """The teacher at `teacher_steps` and the student at each of `step_counts`, all from the same noise:
     {"teacher, N steps": [...], "student, n steps": [...], ...} PIL images for `prompts`. The student samples
     with its pipeline's defaults (a few-step pipeline: evenly spaced Euler steps, no guidance when distilled)."""
-    rows = teacher_and_student_images(teacher, student_pipe, prompts, height=height, width=width,
-                                      num_inference_steps=teacher_steps, seed=seed)
-    rows = {f"teacher, {teacher_steps} steps": rows["teacher"]}
-    noise = _noise(teacher, len(prompts), height, width, seed)[:, :, 0]
-    embeds, negative = teacher.encode_prompts(prompts, negative="")
+    noise, embeds, negative, final = _teacher_samples(teacher, prompts, height, width, teacher_steps, seed)
+    rows = {f"teacher, {teacher_steps} steps": student_pipe.decode_latents(final[:, :, 0])}
     for steps in step_counts:
         rows[f"student, {steps} step{'s' if steps > 1 else ''}"] = student_pipe(
-            prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise, num_inference_steps=steps,
-            output_type="pil").images
+            prompt_embeds=embeds, negative_prompt_embeds=negative, latents=noise[:, :, 0],
+            num_inference_steps=steps, output_type="pil").images
     return rows
 
 
@@ -133,11 +137,9 @@ def expert_images(teacher, prompts: list[str], *, height: int, width: int, num_i
     the other below it. A single-expert teacher gives one row, "the teacher"."""
     from diffusers.image_processor import VaeImageProcessor
 
-    from .data import TargetSpec, record_trajectories
     from .pipeline import decode_wan_latents
 
-    noise = _noise(teacher, len(prompts), height, width, seed)
-    embeds, negative = teacher.encode_prompts(prompts, negative="")
+    noise, embeds, negative, both = _teacher_samples(teacher, prompts, height, width, num_inference_steps, seed)
     latents = {}
     if len(teacher.expert_names) > 1:
         for role in ("high_noise", "low_noise"):
@@ -145,8 +147,7 @@ def expert_images(teacher, prompts: list[str], *, height: int, width: int, num_i
             with teacher.only_expert(name):
                 latents[f"{role.replace('_', '-')} expert alone"] = _one_expert_sampler(
                     teacher, name, embeds, negative, noise, num_inference_steps)()
-    _, latents["both experts" if latents else "the teacher"] = record_trajectories(
-        teacher, embeds, negative, noise, TargetSpec(num_inference_steps=num_inference_steps), progress=False)
+    latents["both experts" if latents else "the teacher"] = both
     processor = VaeImageProcessor(vae_scale_factor=teacher.vae_scale_factor)
     return {label: decode_wan_latents(teacher.pipe.vae, z[:, :, 0], processor) for label, z in latents.items()}
 
