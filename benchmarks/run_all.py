@@ -29,6 +29,7 @@ BENCHMARKS = {  # script -> (arguments, what it answers)
     "projection_steps": (["--steps", "150"], "Projection methods vs random init: steps to reach random init's final loss"),
     "student_shape": (["--steps", "150"], "Iso-FLOP sweep: which student shape, wide-shallow to narrow-deep, learns best"),
     "vae2d": (["--repeats", "3"], "Wan's 3D VAE vs its exact 2D form"),
+    "few_step_cost": ([], "Few-step student: FLOPs per image against the teacher, alignment against steps"),
 }
 _NOISE = re.compile(r"(Loading|Writing|Fetching|it/s\]|s/it\]|\r)")
 

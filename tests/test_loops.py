@@ -371,7 +371,7 @@ def test_distill_is_the_plain_training_loop_it_describes(short_run, short_refere
     loader = torch.utils.data.DataLoader(targets, batch_size=run["batch_size"], sampler=sampler, drop_last=True)
     total = run["num_epochs"] * len(loader)
     schedule = get_cosine_schedule_with_warmup(optimizer, min(defaults.warmup_steps, total), total)
-    ema = EMAModel(student.parameters(), decay=run["ema_decay"])
+    ema = EMAModel(student.parameters(), decay=run["ema_decay"], foreach=True)
     torch.manual_seed(defaults.seed)
     losses = []
     for epoch in range(run["num_epochs"]):
@@ -399,7 +399,7 @@ def test_the_ema_is_the_running_average_of_every_step(short_run, short_reference
 
     assert [c.name for c in short_reference.checkpoints] == [f"step_{s:07d}" for s in range(1, 7)]
     replay = WanLiteTransformer2DModel.from_pretrained(short_run["student_init"])
-    ema = EMAModel(replay.parameters(), decay=short_run["ema_decay"])
+    ema = EMAModel(replay.parameters(), decay=short_run["ema_decay"], foreach=True)
     for checkpoint in short_reference.checkpoints:  # the student after each step
         ema.step(WanLiteTransformer2DModel.from_pretrained(checkpoint / "student").parameters())
     ema.copy_to(replay.parameters())

@@ -719,7 +719,7 @@ def _make_training(cfg: DistillConfig, run: _RunInputs, rt: _Dist, student, repo
     if cfg.ema_decay > 0:
         from diffusers.training_utils import EMAModel
 
-        ema = EMAModel(student.parameters(), decay=cfg.ema_decay)
+        ema = EMAModel(student.parameters(), decay=cfg.ema_decay, foreach=True)  # one fused update, not a loop
     tr = _Training(student, model, loss_fn, pairing, params, optimizer, lr_scheduler, ema, sampler, loader,
                    steps_per_epoch * cfg.gradient_accumulation_steps, total_steps)
     if state is not None:
