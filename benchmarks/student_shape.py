@@ -8,7 +8,8 @@ at most the teacher's) brings the forward within `--tolerance` of the target, pr
 closest to the teacher's (`iso_flop_shapes`); the chosen shapes' FLOPs are measured exactly. FLOPs: `evaluate.forward_flops` on the meta device (batch 1, 512 text rows as
 WanPipeline pads them; attention included). A student skips the zero padding of a real prompt, so the table
 also gives the FLOPs at the held-out prompts' true length. The result: the held-out error (relative velocity
-MSE on the teacher's sampling trajectories for held-out prompts) after the budget.
+MSE on the teacher's sampling trajectories for held-out prompts) after the budget. Last, the full-size line the
+default student (`config/student_config.json`) was chosen from: A14B shapes at its FLOPs per 1024² forward.
 
 Run: `python benchmarks/student_shape.py [--teacher toy|tiny|DIR] [--steps 150] [--flop-fraction 0.33]`.
 """
@@ -46,18 +47,20 @@ def meta_flops(config: dict, teacher_config: dict, latent_hw: tuple[int, int], t
     return forward_flops(student, latent_hw, device="meta", text=text)
 
 
-def iso_flop_shapes(teacher_config: dict, target: float, latent_hw, tolerance: float) -> list[tuple[int, int, int, int]]:
-    """(heads, depth, ffn_dim, FLOPs) per head count that can meet `target`, widest first.
+def iso_flop_shapes(teacher_config: dict, target: float, latent_hw, tolerance: float, heads_range=None,
+                    ffn_ratio: float | None = None) -> list[tuple[int, int, int, int]]:
+    """(heads, depth, ffn_dim, FLOPs) per head count (`heads_range`, default all) that can meet `target`, widest
+    first; of a head count's depths, the one whose FFN/width ratio is closest to `ffn_ratio` (default the teacher's).
 
     A forward's FLOPs are a + depth * (b + c * ffn_dim) (identical blocks, FFN FLOPs linear in its width): three
     measured forwards per head count give a, b and c, from which each depth's ffn_dim is solved; the chosen
     shapes' FLOPs are then measured exactly.
     """
     head_dim, heads_t = teacher_config["attention_head_dim"], teacher_config["num_attention_heads"]
-    ratio = teacher_config["ffn_dim"] / (heads_t * head_dim)
+    ratio = ffn_ratio or teacher_config["ffn_dim"] / (heads_t * head_dim)
     lo, hi = FFN_STEP, teacher_config["ffn_dim"] // FFN_STEP * FFN_STEP
     shapes = []
-    for heads in range(heads_t, 0, -1):
+    for heads in heads_range or range(heads_t, 0, -1):
         flops = lambda depth, ffn: meta_flops(shape_config(teacher_config, heads, depth, ffn), teacher_config, latent_hw)
         one_lo, one_hi, two_lo = flops(1, lo), flops(1, hi), flops(2, lo)
         c = (one_hi - one_lo) / (hi - lo)
@@ -72,6 +75,24 @@ def iso_flop_shapes(teacher_config: dict, target: float, latent_hw, tolerance: f
             depth, ffn = min(candidates, key=lambda d_f: abs(math.log(d_f[1] / (heads * head_dim) / ratio)))
             shapes.append((heads, depth, ffn, flops(depth, ffn)))
     return shapes
+
+
+def full_size_line(default: dict, a14b: dict, tolerance: float, size: int = 1024) -> None:
+    """The shapes of whole A14B heads that cost what the default student does per forward (meta device), FFN/width
+    as the default's: the line a full-size sweep would choose from."""
+    latent_hw = (size // 8, size // 8)
+    default_config = shape_config(a14b, default["num_heads"], default["depth"], default["ffn_dim"], size)
+    target = meta_flops(default_config, a14b, latent_hw)
+    shapes = iso_flop_shapes(a14b, target, latent_hw, tolerance, heads_range=(24, 20, 16, 14, 12, 10, 8),
+                             ffn_ratio=default["ffn_dim"] / default["hidden_size"])
+    print(f"\nFull size: shapes of whole A14B heads at the default student's {target / 1e12:.2f} TFLOP per {size}x{size} "
+          f"forward (FFN/width as the default's {default['ffn_dim'] / default['hidden_size']:.2f}):\n")
+    print("| blocks x width | heads | ffn | depth / A14B | width / A14B | FLOPs / default |\n| --- | --- | --- | --- | --- | --- |")
+    width = a14b["num_attention_heads"] * a14b["attention_head_dim"]
+    for heads, depth, ffn, flops in shapes:
+        hidden = heads * a14b["attention_head_dim"]
+        print(f"| {depth} x {hidden} | {heads} | {ffn} | {depth / a14b['num_layers']:.2f} | {hidden / width:.2f} "
+              f"| {flops / target:.3f} |")
 
 
 def main(argv=None) -> None:
@@ -120,6 +141,7 @@ def main(argv=None) -> None:
     default = json.loads((ROOT / "config" / "student_config.json").read_text())
     a14b = FULL_SIZE_EXPERTS["a14b"]
     a14b_width = a14b["num_attention_heads"] * a14b["attention_head_dim"]
+    full_size_line(default, a14b, args.tolerance)
     print(f"\nBest after {args.steps} steps: depth {best['depth']} x width {best['hidden_size']} (ffn {best['ffn_dim']}), "
           f"depth {best['depth'] / tc['num_layers']:.2f}x and width {best['hidden_size'] / teacher_width:.2f}x the "
           f"teacher's; the default full-size student ({default['depth']} x {default['hidden_size']} of A14B's "
