@@ -19,7 +19,6 @@ Run: `python benchmarks/toy_world_shapes.py [--teacher data/toy_world] [--count 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import sys
 from pathlib import Path
@@ -30,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from wandistiller import shapes  # noqa: E402
 from wandistiller.alignment import alignment  # noqa: E402
+from wandistiller.analysis import Table  # noqa: E402
 from wandistiller.toy_world import TOY_WORLD_PATH  # noqa: E402
 
 DECODER_NOISE = (0.0, 0.05, 0.1, 0.2)
@@ -38,27 +38,14 @@ GUIDANCE = (0.0, 1.0, 5.0)
 
 
 def renders(count: int, shape: str, seed: int = 0) -> tuple[torch.Tensor, list[str]]:
-    """`count` still frames of one shape, random size/position/colours otherwise: (N, 3, 1, 64, 64), captions."""
-    rng, images, captions = random.Random(f"shapes-probe-{seed}-{shape}"), [], []
-    while len(captions) < count:
-        batch, caps = shapes.sample_batch(rng, 32, 1)
-        for image, caption in zip(batch, caps):
-            scene = shapes.parse_caption(caption)
-            if scene.shape == shape and len(captions) < count:
-                images.append(image)
-                captions.append(dataclasses.replace(scene, motion="still").caption)
-    return torch.stack(images), captions
+    """`count` random training scenes of one shape as single frames: (N, 3, 1, 64, 64) and their captions."""
+    combinations = [combo for combo in shapes.training_combinations() if combo[0] == shape]
+    return shapes.sample_batch(random.Random(f"shapes-probe-{seed}-{shape}"), count, 1, combinations)
 
 
 def shape_rate(vae, latents: torch.Tensor, captions: list[str], mean, std) -> float:
     decoded = vae.decode(latents * std + mean).sample
     return alignment(list(decoded[:, :, 0]), captions).shape
-
-
-def table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "| " + " | ".join("---" for _ in header) + " |"]
-    lines += ["| " + " | ".join(f"{c:.2f}" if isinstance(c, float) else str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 @torch.no_grad()
@@ -90,7 +77,7 @@ def main(argv=None) -> int:
             z0 = (latents[shape] - mean) / std
             row.append(shape_rate(vae, z0 + d * torch.randn(z0.shape, generator=generator), data[shape][1], mean, std))
         rows.append(row)
-    print(table(["latent noise", *shapes.SHAPES], rows))
+    print(Table(("latent noise", *shapes.SHAPES), rows))
     if args.vae:
         return 0
 
@@ -103,7 +90,7 @@ def main(argv=None) -> int:
     rows = []
     for sigma in SIGMAS:
         for shape in shapes.SHAPES:
-            x, captions = data[shape]
+            captions = data[shape][1]
             z0 = (latents[shape] - mean) / std
             x_t = (1 - sigma) * z0 + sigma * torch.randn(z0.shape, generator=generator)
             cond, uncond = pipe.encode_prompt(captions, [""] * len(captions), do_classifier_free_guidance=True)
@@ -116,7 +103,7 @@ def main(argv=None) -> int:
                 error = ((x0 - z0).pow(2).mean() / z0.pow(2).mean()).sqrt().item()
                 row.append(f"{shape_rate(pipe.vae, x0, captions, mean, std):.2f} ({error:.3f})")
             rows.append(row)
-    print(table(["sigma", "shape", *[f"guidance {g:g}" for g in GUIDANCE]], rows))
+    print(Table(("sigma", "shape", *[f"guidance {g:g}" for g in GUIDANCE]), rows))
 
     print("\n3. teacher from noise (30 steps, guidance 5) on every training combination, by shape\n")
     rows = []
@@ -127,7 +114,7 @@ def main(argv=None) -> int:
                       output_type="pt").frames
         result = alignment([f[0] * 2 - 1 for f in frames], prompts)
         rows.append([shape, len(prompts), result.shape, result.all_correct])
-    print(table(["shape", "prompts", "shape-correct", "all-correct"], rows))
+    print(Table(("shape", "prompts", "shape-correct", "all-correct"), rows))
     return 0
 
 
