@@ -217,3 +217,40 @@ def test_make_toy_world_writes_a_wan_pipeline_and_resumes_bit_for_bit(tmp_path):
         tw.make_toy_world(tmp_path / "world", recipe, progress=False)
     with pytest.raises(ValueError, match="another recipe"):
         tw.make_toy_world(tmp_path / "other", tw.ToyWorldRecipe(**{**TINY, "seed": 1}), work_dir=work, progress=False)
+
+
+def test_recipe_file_changes_only_its_fields_and_bad_files_get_one_line(tmp_path, capsys):
+    from wandistiller.cli import main
+
+    good = tmp_path / "recipe.json"
+    good.write_text('{"shared_steps": 7, "vae_latent_noise": 0.2}')
+    recipe = tw.recipe_from_file(good, seed=3)
+    assert (recipe.shared_steps, recipe.vae_latent_noise, recipe.seed) == (7, 0.2, 3)
+    assert recipe.fine_steps == tw.ToyWorldRecipe().fine_steps
+    assert tw.recipe_from_file(None) == tw.ToyWorldRecipe()
+    (tmp_path / "typo.json").write_text('{"shared_stpes": 7}')
+    (tmp_path / "broken.json").write_text('{"shared_steps": 7')
+    (tmp_path / "list.json").write_text('[1]')
+    for name, message in (("typo", "unknown fields ['shared_stpes']"), ("broken", "cannot read"),
+                          ("list", "not a JSON object"), ("missing", "cannot read")):
+        world = tmp_path / f"world_{name}"
+        assert main(["make-toy-world", str(world), "--recipe", str(tmp_path / f"{name}.json")]) != 0
+        err = capsys.readouterr().err.strip()
+        assert message in err and len(err.splitlines()) == 1
+        assert not world.exists() and not world.with_name(world.name + ".work").exists()
+
+
+def test_vae_latent_noise_reaches_the_decoder_only_when_asked(tmp_path):
+    """Same seed and data: the noise-free VAE equals the default one; latent noise changes what it learns."""
+    from safetensors.torch import load_file
+
+    base = dict(vae_steps=2, vae_images=2, vae_clips=1, checkpoint_every=100)
+    weights = {}
+    for noise in (0.0, 0.0, 0.5):
+        work = tmp_path / f"vae_{len(weights)}"
+        work.mkdir()
+        torch.manual_seed(0)  # the VAE's initial weights
+        tw.train_vae(work, tw.ToyWorldRecipe(**base, vae_latent_noise=noise), progress=False)
+        weights[len(weights)] = load_file(work / "vae.safetensors")
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])

@@ -17,9 +17,9 @@ def _make_tiny_teacher(args) -> int:
 
 
 def _make_toy_world(args) -> int:
-    from .toy_world import ToyWorldRecipe, make_toy_world
+    from .toy_world import make_toy_world, recipe_from_file
 
-    recipe = ToyWorldRecipe(seed=args.seed)
+    recipe = recipe_from_file(args.recipe, seed=args.seed)
     path = make_toy_world(args.path, recipe, work_dir=args.work_dir, overwrite=args.overwrite, threads=args.threads)
     print(f"toy-world teacher written to {path}")
     return 0
@@ -232,7 +232,8 @@ def _add_teacher_commands(sub) -> None:
                                    "minutes on 2 CPU cores). Resumable: run the same command again after an interruption.")
     p.add_argument("path", help="pipeline directory to create (must not exist or be empty)")
     p.add_argument("--work-dir", help="checkpoints of the stages (default: PATH.work)")
-    p.add_argument("--seed", type=int, default=0, help="data, initialisation and noise follow the seed")
+    p.add_argument("--seed", type=int, help="data, initialisation and noise follow the seed (default: the recipe's, 0)")
+    p.add_argument("--recipe", help="JSON file of ToyWorldRecipe fields to change (e.g. a work dir's recipe.json)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing pipeline directory")
     p.set_defaults(func=_make_toy_world)
