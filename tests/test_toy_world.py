@@ -254,3 +254,16 @@ def test_vae_latent_noise_reaches_the_decoder_only_when_asked(tmp_path):
         weights[len(weights)] = load_file(work / "vae.safetensors")
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     assert not all(torch.equal(weights[0][k], weights[2][k]) for k in weights[0])
+
+
+@pytest.mark.parametrize("scale", [8, 4])
+def test_vae_scale_sets_the_latent_grid_and_the_pipelines_factor(scale):
+    vae = tw.build_vae(scale)
+    x, _ = shapes.sample_batch(random.Random(0), 1, shapes.NUM_FRAMES)
+    with torch.no_grad():
+        z = vae.encode(x).latent_dist.mean
+    side = shapes.IMAGE_SIZE // scale
+    assert tuple(z.shape) == (1, 16, 2, side, side)  # 5 frames -> 2 latent frames (4x in time) either way
+    assert vae.config.scale_factor_spatial == scale  # what WanPipeline and the kit divide image sizes by
+    with pytest.raises(ValueError, match="vae_scale 5"):
+        tw.build_vae(5)

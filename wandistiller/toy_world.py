@@ -54,6 +54,7 @@ class ToyWorldRecipe:
     vae_lr: float = 1e-3
     kl_weight: float = 1e-4
     vae_latent_noise: float = 0.0  # extra latent noise the decoder learns to undo, in units of each channel's std
+    vae_scale: int = 8  # spatial compression: 8 (Wan 2.1's VAE) or 4 (a 16x16 latent; square corners survive)
     # cached training latents
     num_images: int = 24576
     num_clips: int = 3072
@@ -129,12 +130,16 @@ def build_text_encoder(vocab_size: int, recipe: ToyWorldRecipe):
     ))
 
 
-def build_vae():
+def build_vae(scale: int = 8):
+    """A tiny Wan VAE, 4x in time and `scale` (8 or 4) in space."""
     from diffusers import AutoencoderKLWan
 
+    if scale not in (4, 8):
+        raise ValueError(f"vae_scale {scale} is not supported: use 8 (Wan's) or 4")
+    dim_mult, temporal = ([1, 2, 4, 4], [False, True, True]) if scale == 8 else ([1, 2, 4], [True, True])
     return AutoencoderKLWan(
-        base_dim=8, decoder_base_dim=12, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=1, attn_scales=[],
-        temperal_downsample=[False, True, True], latents_mean=[0.0] * 16, latents_std=[1.0] * 16,
+        base_dim=8, decoder_base_dim=12, z_dim=16, dim_mult=dim_mult, num_res_blocks=1, attn_scales=[],
+        temperal_downsample=temporal, latents_mean=[0.0] * 16, latents_std=[1.0] * 16, scale_factor_spatial=scale,
     )
 
 
@@ -278,7 +283,7 @@ def train_vae(work: Path, recipe: ToyWorldRecipe, progress: bool = True):
     batch (detached): sampled latents are never exact encodings, and a decoder trained on exact ones turns
     small errors into dented edges. The encoder learns a latent space in which such errors do not bend shapes.
     """
-    vae = build_vae()
+    vae = build_vae(recipe.vae_scale)
     if _finished(work, "vae", {"vae": vae}):
         return vae.eval()
 
