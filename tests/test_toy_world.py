@@ -209,6 +209,10 @@ def test_make_toy_world_writes_a_wan_pipeline_and_resumes_bit_for_bit(tmp_path):
                  "low_noise_state.safetensors"):
         (work / name).unlink(missing_ok=True)
     assert load_file(work / "shared_state.safetensors")["step"].item() == 3
+    # A work dir written before a recipe field existed resumes (that field at its default, as it trained).
+    stored = json.loads((work / "recipe.json").read_text())
+    del stored["vae_scale"], stored["vae_latent_noise"]
+    (work / "recipe.json").write_text(json.dumps(stored))
     tw.make_toy_world(tmp_path / "world", recipe, progress=False, overwrite=True)
     resumed = load_file(work / "shared.safetensors")
     assert finished.keys() == resumed.keys()

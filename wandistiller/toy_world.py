@@ -522,8 +522,11 @@ def make_toy_world(path: str | Path, recipe: ToyWorldRecipe | None = None, *, wo
     work = Path(work_dir) if work_dir else path.with_name(path.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
     recipe_file = work / "recipe.json"
-    if recipe_file.exists() and json.loads(recipe_file.read_text()) != dataclasses.asdict(recipe):
-        raise ValueError(f"{work} holds a run with another recipe: pass the same recipe or a new work_dir")
+    if recipe_file.exists():
+        # A field the stored recipe lacks was added to the kit later: that run trained with its default.
+        stored = {**dataclasses.asdict(ToyWorldRecipe()), **json.loads(recipe_file.read_text())}
+        if stored != dataclasses.asdict(recipe):
+            raise ValueError(f"{work} holds a run with another recipe: pass the same recipe or a new work_dir")
     recipe_file.write_text(json.dumps(dataclasses.asdict(recipe), indent=1))
     if threads:
         torch.set_num_threads(threads)
