@@ -162,7 +162,7 @@ def test_live_plot_keeps_one_output_updated_in_place_inside_ipython(ipython_shel
     from IPython.utils.capture import capture_output
 
     with capture_output() as captured:
-        plot = LiveLossPlot(redraw_every=5)
+        plot = LiveLossPlot(redraw_every=5, draw_share=0)
         for step in range(48):
             plot.update(step, _metrics(step))
         plot.close()
@@ -175,6 +175,37 @@ def test_live_plot_keeps_one_output_updated_in_place_inside_ipython(ipython_shel
     assert len(display_ids) == 1
     final_png = Image.open(io.BytesIO(base64.b64decode(updates[-1].data["image/png"])))
     assert final_png.size == (700, 350)
+
+
+def test_live_plot_spends_at_most_its_draw_share_of_the_time_drawing(ipython_shell, monkeypatch):
+    import types
+
+    from IPython.utils.capture import capture_output
+
+    import wandistiller.viz as viz
+
+    clock = [0.0]
+    monkeypatch.setattr(viz, "time", types.SimpleNamespace(monotonic=lambda: clock[0]))
+    draws = []
+    plot = LiveLossPlot(redraw_every=1, draw_share=1 / 16)
+    real_draw = plot._draw
+
+    def slow_draw():  # each redraw takes 1/8 s of the fake clock, as does each training step (exact in binary)
+        draws.append(clock[0])
+        real_draw()
+        clock[0] += 0.125
+
+    monkeypatch.setattr(plot, "_draw", slow_draw)
+    with capture_output():
+        for step in range(100):
+            plot.update(step, _metrics(step))
+            clock[0] += 0.125
+    # After a 1/8 s redraw the next waits (1/8) / (1/16) = 2 s: redraws start 2 + 1/8 s apart, i.e. drawing takes
+    # 1/17 of the time, under the 1/16 share; with draw_share=0 all 100 updates would redraw.
+    assert draws[0] == 0 and set(np.diff(draws)) == {2.125}
+    assert len(draws) == 7  # at 0, 2.125, ..., 12.75 of the 12.5 s of steps plus 0.875 s of drawing
+    with pytest.raises(ValueError, match="draw_share"):
+        LiveLossPlot(draw_share=1.5)
 
 
 def test_sample_grid_updates_one_output_and_figures_render_as_png(ipython_shell):

@@ -17,6 +17,7 @@ import json
 import math
 import numbers
 import textwrap
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -158,12 +159,16 @@ class LiveLossPlot:
     """Loss curves that grow while training runs: one line per loss part, log-scale y, lr on a twin axis.
 
     Use ``update`` as a training callback. Inside IPython the figure is shown once, at the first update, and
-    then redrawn in place every ``redraw_every`` updates; elsewhere updates only record, and ``save`` draws.
+    then redrawn in place every ``redraw_every`` updates, but no sooner than ``draw_share`` allows; elsewhere updates
+    only record, and ``save`` draws.
     Create the plot in the cell that trains, so the output lands under that cell.
 
     Parameters:
         keys: metric names to plot; None plots every numeric metric except ``step`` and ``lr``.
         redraw_every: updates between redraws (drawing costs tens of milliseconds).
+        draw_share: the largest share of the time between redraws spent drawing: after a redraw that took d
+            seconds the next waits at least d / draw_share seconds (0.05: 20 d), so a long run's growing curves
+            never cost more than about 5 % of its time; 0: redraw every ``redraw_every`` updates regardless.
         log_y: log-scale loss axis. A part that is zero throughout (e.g. feature KD switched off) is left out,
             since a log axis cannot draw it.
     """
@@ -172,18 +177,24 @@ class LiveLossPlot:
         self,
         keys: Sequence[str] | None = None,
         redraw_every: int = 10,
+        draw_share: float = 0.05,
         log_y: bool = True,
         title: str = "Distillation loss",
         figsize: tuple[float, float] = (7.0, 3.5),
     ):
         self.keys = list(keys) if keys is not None else None
+        if not 0 <= draw_share <= 1:
+            raise ValueError(f"draw_share={draw_share!r} must be in [0, 1]: e.g. 0.05 (at most 5 % of the time drawing) "
+                             "or 0 (redraw every redraw_every updates)")
         self.redraw_every = redraw_every
+        self.draw_share = draw_share
         self.log_y = log_y
         self.title = title
         self.figure = new_figure(figsize)
         self.records: list[dict[str, float]] = []
         self._seen_keys: dict[str, None] = {}  # insertion-ordered set: legend order = first appearance
         self._pending = 0
+        self._next_draw = 0.0  # time.monotonic() before which a due redraw waits (draw_share)
         self._slot = _DisplaySlot()
 
     @classmethod
@@ -199,15 +210,18 @@ class LiveLossPlot:
         """Record the metrics of ``step`` and, inside IPython, redraw when due."""
         self._record(step, metrics)
         self._pending += 1
-        due = self._pending >= self.redraw_every or len(self.records) == 1
+        due = (self._pending >= self.redraw_every and time.monotonic() >= self._next_draw) or len(self.records) == 1
         if due and _ipython_shell() is not None:
             self.show()
 
     def show(self) -> None:
         """Redraw now and put the figure in its notebook output (no-op display outside IPython)."""
+        started = time.monotonic()
         self._draw()
         self._slot.show(self.figure)
         self._pending = 0
+        now = time.monotonic()
+        self._next_draw = now + (now - started) / self.draw_share if self.draw_share > 0 else now
 
     def save(self, path: str | Path) -> None:
         """Write the current curves to a PNG file."""
