@@ -144,3 +144,23 @@ def test_reflow_without_recorded_trajectories_is_refused_in_one_line(tmp_path, m
         distill(**{"objective": "reflow", "output_dir": str(tmp_path / "run"), "progress": False, **params})
     assert "\n" not in str(err.value)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_recorded_config_reruns_from_another_folder(tmp_path, monkeypatch):
+    """distill_config.json keeps existing relative paths absolute (a notebook passes "../data/..."), so its
+    settings rerun `distill` from anywhere; names that are not paths (the tiny teacher) stay as given."""
+    run_dir = tmp_path / "nb"
+    run_dir.mkdir()
+    (run_dir / "prompts.txt").write_text("\n".join(PROMPTS[:2]), encoding="utf-8")
+    monkeypatch.chdir(run_dir)
+    distill(output_dir="run", data_path="prompts.txt", cache_dir="cache", student_config=SMALL, student_init="random",
+            num_inference_steps=STEPS, batch_size=4, max_steps=1, ema_decay=0, progress=False, save_samples=False)
+    settings = json.loads((run_dir / "run" / "distill_config.json").read_text())
+    assert settings["data_path"] == str(run_dir / "prompts.txt")
+    assert settings["cache_dir"] == str(run_dir / "cache") and settings["output_dir"] == str(run_dir / "run")
+    assert settings["teacher_path"] == "tiny" and settings["student_init"] == "random"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    settings.update(output_dir=str(tmp_path / "again"), max_steps=1)
+    assert distill(**settings).steps == 1  # reads the same prompts, and the same cache, from another folder

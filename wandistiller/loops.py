@@ -906,6 +906,24 @@ def _micro_step(model, loss_fn, batch, targets, teacher, rt: _Dist, autocast, st
     return parts
 
 
+_PATH_FIELDS = ("teacher_path", "student_config", "student_init", "data_path", "images_path", "output_dir",
+                "cache_dir", "sample_dir")
+
+
+def _recorded_config(cfg: DistillConfig) -> dict:
+    """The run's settings as `distill_config.json` keeps them: a relative path that exists (a notebook's
+    "../data/toy_prompts.txt") made absolute, so `distill(**settings)` from that file works from any folder; names
+    that are not paths here (tiny, toy, a hub id, projection) are kept as given."""
+    record = cfg.to_json()
+    for name in _PATH_FIELDS:
+        value = record.get(name)
+        if name == "teacher_path" and value == "tiny":
+            continue  # the embedded teacher's name wins over a folder of that name (`locate_teacher`)
+        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
+            record[name] = str(Path(value).resolve())
+    return record
+
+
 def _reflow_batch(batch: dict, targets, seed: int, step: int, micro: int, rt: _Dist) -> dict:
     """Reflow's micro-batch: for each record's trajectory (noise z, final latent x0), the point of the straight path
     at a noise level sigma ~ U(0, 1) and its velocity z - x0 (the one velocity target, so the guided target is
@@ -1145,7 +1163,7 @@ def _export(cfg: DistillConfig, rt: _Dist, out: Path, run: _RunInputs, tr: _Trai
             tr.ema.copy_to(tr.student.parameters())
             tr.student.save_pretrained(ema_path, safe_serialization=True)
             tr.ema.restore(tr.student.parameters())
-        (out / "distill_config.json").write_text(json.dumps(cfg.to_json(), indent=1, default=str))
+        (out / "distill_config.json").write_text(json.dumps(_recorded_config(cfg), indent=1, default=str))
         _export_pipeline(out, ema_path or student_path, run.teacher, cfg)
     rt.barrier()
     sample_paths, grid_paths = (samples.paths, samples.grids) if samples is not None else ([], [])
