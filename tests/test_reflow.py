@@ -148,10 +148,13 @@ def test_reflow_without_recorded_trajectories_is_refused_in_one_line(tmp_path, m
 
 def test_the_recorded_config_reruns_from_another_folder(tmp_path, monkeypatch):
     """distill_config.json keeps existing relative paths absolute (a notebook passes "../data/..."), so its
-    settings rerun `distill` from anywhere; names that are not paths (the tiny teacher) stay as given."""
+    settings rerun `distill` from anywhere; keywords (the tiny teacher, a random student) stay as given even where
+    a folder of that name exists."""
     run_dir = tmp_path / "nb"
     run_dir.mkdir()
     (run_dir / "prompts.txt").write_text("\n".join(PROMPTS[:2]), encoding="utf-8")
+    for keyword in ("tiny", "random"):  # folders named like keywords, which still mean the keywords
+        (run_dir / keyword).mkdir()
     monkeypatch.chdir(run_dir)
     distill(output_dir="run", data_path="prompts.txt", cache_dir="cache", student_config=SMALL, student_init="random",
             num_inference_steps=STEPS, batch_size=4, max_steps=1, ema_decay=0, progress=False, save_samples=False)

@@ -908,18 +908,19 @@ def _micro_step(model, loss_fn, batch, targets, teacher, rt: _Dist, autocast, st
 
 _PATH_FIELDS = ("teacher_path", "student_config", "student_init", "data_path", "images_path", "output_dir",
                 "cache_dir", "sample_dir")
+# Names that mean the same whatever folders exist (`locate_teacher`, `_validate`): never made paths.
+_KEYWORDS = {"teacher_path": {"tiny"}, "student_init": {"projection", "random"}}
 
 
 def _recorded_config(cfg: DistillConfig) -> dict:
     """The run's settings as `distill_config.json` keeps them: a relative path that exists (a notebook's
-    "../data/toy_prompts.txt") made absolute, so `distill(**settings)` from that file works from any folder; names
-    that are not paths here (tiny, toy, a hub id, projection) are kept as given."""
+    "../data/toy_prompts.txt") made absolute, so `distill(**settings)` from that file works from any folder;
+    keywords (tiny, projection, random) and names that are not paths here (toy, a hub id) are kept as given."""
     record = cfg.to_json()
     for name in _PATH_FIELDS:
         value = record.get(name)
-        if name == "teacher_path" and value == "tiny":
-            continue  # the embedded teacher's name wins over a folder of that name (`locate_teacher`)
-        if isinstance(value, str) and value and not Path(value).is_absolute() and Path(value).exists():
+        if (isinstance(value, str) and value and value not in _KEYWORDS.get(name, ()) and not Path(value).is_absolute()
+                and Path(value).exists()):
             record[name] = str(Path(value).resolve())
     return record
 
