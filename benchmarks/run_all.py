@@ -30,6 +30,7 @@ BENCHMARKS = {  # script -> (arguments, what it answers)
     "student_shape": (["--steps", "150"], "Iso-FLOP sweep: which student shape, wide-shallow to narrow-deep, learns best"),
     "vae2d": (["--repeats", "3"], "Wan's 3D VAE vs its exact 2D form"),
     "few_step_cost": ([], "Few-step student: FLOPs per image against the teacher, alignment against steps"),
+    "toy_fidelity": (["--seeds", "8"], "Toy world: the demo's students vs the teacher over sampling seeds, with intervals"),
     "toy_world_shapes": (["--count", "32"], "Toy world: where the teacher loses its shapes (decoder, low-noise expert, sampler)"),
 }
 _NOISE = re.compile(r"(Loading|Writing|Fetching|it/s\]|s/it\]|\r)")

@@ -81,7 +81,8 @@ def images_per_second(sample, batch_size: int, repeats: int = 3) -> float:
     return batch_size / statistics.median(seconds)
 
 
-def _noise(teacher, batch_size: int, height: int, width: int, seed: int) -> torch.Tensor:
+def initial_noise(teacher, batch_size: int, height: int, width: int, seed: int) -> torch.Tensor:
+    """The teacher's initial latent noise for `seed` (B, C, 1, H/s, W/s): what every comparison here samples from."""
     return torch.randn(teacher.latent_shape(batch_size, height, width), generator=torch.Generator().manual_seed(seed))
 
 
@@ -106,7 +107,7 @@ def _teacher_samples(teacher, prompts: list[str], height: int, width: int, num_i
     expert by expert (`data.record_trajectories`)."""
     from .data import TargetSpec, record_trajectories
 
-    noise = _noise(teacher, len(prompts), height, width, seed)
+    noise = initial_noise(teacher, len(prompts), height, width, seed)
     embeds, negative = teacher.encode_prompts(prompts, negative="")
     _, final = record_trajectories(teacher, embeds, negative, noise,
                                    TargetSpec(num_inference_steps=num_inference_steps), progress=False)
@@ -184,7 +185,7 @@ def compare_speed_and_size(teacher, student_pipe, *, height: int, width: int, nu
     CFG-distilled). Both generate from prompt embeddings to latents, so the shared text encoder and VAE do not
     blur the comparison.
     """
-    noise = _noise(teacher, 1, height, width, seed=0)
+    noise = initial_noise(teacher, 1, height, width, seed=0)
     latent_hw = tuple(noise.shape[-2:])
     embeds, negative = teacher.encode_prompts(["a red fox sitting in fresh snow"], negative="")
     student = student_pipe.transformer
