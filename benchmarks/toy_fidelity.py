@@ -23,10 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from wandistiller.shapes import SHAPES
+
 ROOT = Path(__file__).resolve().parent.parent
 TEACHER_STEPS = 30
 FEW_STEPS = (1, 2, 4, 8)
-SHAPES = ("circle", "square", "triangle")
 
 
 @torch.no_grad()
@@ -65,17 +66,16 @@ def ratio_interval(student: np.ndarray, teacher: np.ndarray, draws: int = 2000, 
 
 def fidelity_table(images: dict[str, list], prompts: list[str], seeds: int) -> list[str]:
     from wandistiller.alignment import alignment
+    from wandistiller.shapes import parse_caption
 
     scored = {name: alignment(pictures, prompts * seeds) for name, pictures in images.items()}
     correct = {name: np.array([s["all"] for s in a.per_image], dtype=float) for name, a in scored.items()}
-    shape_of = [p.split()[2] for p in prompts * seeds]
+    shape_of = [parse_caption(p).shape for p in prompts * seeds]
+    totals = collections.Counter(shape_of)
     teacher = correct["teacher"]
     lines = [f"All-correct on {len(prompts)} held-out prompts x {seeds} sampling seeds ({len(teacher)} images per "
              "model, the same noise for every model); ± is the standard error; the ratio's interval is 5-95 % of a "
-             "paired bootstrap over images. Counts per shape are out of "
-             f"{seeds * sum(s == 'circle' for s in shape_of[:len(prompts)])} / "
-             f"{seeds * sum(s == 'square' for s in shape_of[:len(prompts)])} / "
-             f"{seeds * sum(s == 'triangle' for s in shape_of[:len(prompts)])}.\n",
+             f"paired bootstrap over images. Counts per shape are out of {' / '.join(str(totals[s]) for s in SHAPES)}.\n",
              "| model | all-correct | per-seed range | vs teacher | 90 % interval | circle / square / triangle |",
              "| --- | --- | --- | --- | --- | --- |"]
     for name, hits in correct.items():
