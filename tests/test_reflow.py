@@ -10,6 +10,7 @@ from wandistiller.cache import build_target_cache, load_target_cache
 from wandistiller.data import TargetSpec, _prompt_noise, read_prompts, record_trajectories
 from wandistiller.loops import _Dist, _reflow_batch, distill
 from wandistiller.model import WanLiteTransformer2DModel
+from wandistiller.reflow_pairs import PAIRS_FILE, StudentPairs, pair_noise, student_pairs
 from wandistiller.teacher import load_teacher, read_teacher_info
 
 PROMPTS = ["a red fox sitting in fresh snow", "a lighthouse on a rocky coast", "a bowl of ramen"]
@@ -76,6 +77,57 @@ def test_reflow_batch_is_the_straight_path_between_the_pairs(trajectories):
         assert torch.equal(got["timesteps"], levels[rank::2])
 
 
+def test_reflow_batch_on_student_pairs_takes_one_pair_of_each_records_prompt(trajectories):
+    _, _, targets = trajectories
+    noise = torch.randn(5, len(PROMPTS), 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    pairs = StudentPairs(noise, torch.randn(noise.shape, generator=torch.Generator().manual_seed(1)))
+    rows = list(range(0, 24, 2))
+    batch = {key: value[rows] for key, value in targets.tensors.items()}
+    out = _reflow_batch(batch, targets, seed=3, step=7, micro=1, rt=_Dist(), pairs=pairs)
+    # the same noise levels as on the teacher's pairs; the point is on the straight path of one of the record's
+    # prompt's own pairs, found here by searching all of them
+    assert torch.equal(out["timesteps"], _reflow_batch(batch, targets, seed=3, step=7, micro=1, rt=_Dist())["timesteps"])
+    sigma = (out["timesteps"] / 1000).view(-1, 1, 1, 1)
+    chosen = []
+    for i, p in enumerate(batch["prompt_index"].tolist()):
+        z, x0 = pairs.noise[:, p], pairs.final[:, p]
+        path = (1 - sigma[i]) * x0 + sigma[i] * z
+        match = [k for k in range(5) if torch.equal(out["latents"][i], path[k])]
+        assert len(match) == 1 and torch.equal(out["velocity"][i], z[match[0]] - x0[match[0]])
+        chosen.append(match[0])
+    assert len(set(chosen)) > 2  # not one pair for every record
+    # two ranks draw what one process draws for the whole batch
+    for rank in (0, 1):
+        part = {key: value[rank::2] for key, value in batch.items()}
+        got = _reflow_batch(part, targets, seed=3, step=7, micro=1, rt=_Dist(rank=rank, world_size=2), pairs=pairs)
+        assert torch.equal(got["latents"], out["latents"][rank::2])
+
+
+def test_student_pairs_are_drawn_once_and_a_run_with_other_settings_is_refused(tmp_path):
+    calls = []
+
+    class Pipe:  # a real sampler is tested end to end below; this one counts and returns its noise halved
+        transformer = torch.nn.Linear(1, 1)
+
+        def __call__(self, prompt_embeds, latents, num_inference_steps, guidance_scale, output_type):
+            calls.append((len(prompt_embeds), num_inference_steps, guidance_scale))
+            return type("Out", (), {"images": latents / 2})
+
+    settings = {"student_init": "/s", "per_prompt": 2, "steps": 3, "seed": 5, "prompts": 3}
+    args = (lambda: Pipe(), lambda idx: torch.zeros(len(idx), 4, 8), 3, (16, 8, 8))
+    first = student_pairs(tmp_path, settings, *args, is_main=True, progress=False)
+    assert calls == [(3, 3, 1.0)] * 2  # one batch per pair index, one forward per step (guidance 1)
+    torch.testing.assert_close(first.noise, pair_noise(5, 2, 3, (16, 8, 8)), rtol=0, atol=0)
+    torch.testing.assert_close(first.final, first.noise / 2, rtol=0, atol=0)
+    again = student_pairs(tmp_path, settings, *args, is_main=True, progress=False)  # a resume reads them back
+    assert len(calls) == 2 and torch.equal(again.final, first.final)
+    before = (tmp_path / PAIRS_FILE).read_bytes()
+    with pytest.raises(ValueError, match="holds reflow pairs drawn with other settings than this run's: resume with"):
+        student_pairs(tmp_path, {**settings, "per_prompt": 3}, *args, is_main=True, progress=False)
+    assert (tmp_path / PAIRS_FILE).read_bytes() == before and len(calls) == 2
+    assert not torch.equal(pair_noise(6, 2, 3, (16, 8, 8)), first.noise)
+
+
 def test_reflow_from_a_velocity_student_exports_the_few_step_pipeline(tmp_path):
     """A velocity run, then reflow from its student on its cache: the first reflow step's loss is the straight-path
     loss computed here by hand; the reflow pipeline samples with Euler at shift 1 by default, the velocity one with
@@ -134,6 +186,11 @@ def test_reflow_from_a_velocity_student_exports_the_few_step_pipeline(tmp_path):
     (dict(teacher_targets="online"), "without the teacher: set teacher_targets='cache'"),
     (dict(cfg_distill=False), "drop cfg_distill=False"),
     (dict(objective="consistency"), "objective must be one of velocity, reflow, got 'consistency'"),
+    (dict(reflow_pairs="self"), "^reflow_pairs must be one of teacher, student, got 'self'$"),
+    (dict(reflow_pairs="student", objective="velocity"), "sets where reflow's pairs come from: set objective='reflow'"),
+    (dict(reflow_pairs="student"), "^reflow_pairs='student' samples its pairs with the student it starts from, and "
+                                   "student_init='projection' cannot draw yet: set student_init to a velocity-"),
+    (dict(reflow_pairs="student", reflow_pairs_per_prompt=0), "^reflow_pairs_per_prompt=0 must be a whole number"),
 ])
 def test_reflow_without_recorded_trajectories_is_refused_in_one_line(tmp_path, monkeypatch, params, message):
     def refuse(*args, **kwargs):
@@ -167,3 +224,36 @@ def test_the_recorded_config_reruns_from_another_folder(tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)
     settings.update(output_dir=str(tmp_path / "again"), max_steps=1)
     assert distill(**settings).steps == 1  # reads the same prompts, and the same cache, from another folder
+
+
+def test_reflow_on_student_pairs_trains_on_what_the_velocity_student_samples(tmp_path):
+    """reflow_pairs='student' end to end: the pairs file holds, for each prompt, the velocity student's own
+    pipeline's final latents from the pairs' noise (its exported pipeline run again here), and a resume uses them."""
+    from safetensors.torch import load_file
+
+    from wandistiller.pipeline import WanLitePipeline
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS[:2]), encoding="utf-8")
+    common = dict(data_path=str(prompts), student_config=SMALL, num_inference_steps=STEPS, batch_size=4,
+                  lr=1e-3, ema_decay=0, progress=False, save_samples=False, cache_dir=str(tmp_path / "cache"))
+    velocity = distill(output_dir=str(tmp_path / "velocity"), student_init="random", max_steps=2, **common)
+    reflow = dict(output_dir=str(tmp_path / "reflow"), student_init=str(velocity.student_path), objective="reflow",
+                  reflow_pairs="student", reflow_pairs_per_prompt=3, checkpoint_interval=1, **common)
+    distill(max_steps=1, **reflow)
+    pairs = load_file(tmp_path / "reflow" / PAIRS_FILE)
+    assert pairs["noise"].shape == pairs["final"].shape == (3, 2, 16, 8, 8)
+    torch.testing.assert_close(pairs["noise"], pair_noise(0, 3, 2, (16, 8, 8)), rtol=0, atol=0)
+    pipe = WanLitePipeline.from_pretrained(tmp_path / "velocity" / "pipeline")
+    pipe.set_progress_bar_config(disable=True)
+    spec = TargetSpec(num_inference_steps=STEPS, height=64, width=64)
+    targets, _ = load_target_cache(tmp_path / "cache", read_teacher_info("tiny").fingerprint(), spec,
+                                   read_prompts(prompts))
+    for k in range(3):
+        final = pipe(prompt_embeds=targets.prompt_embeds, latents=pairs["noise"][k], num_inference_steps=STEPS,
+                     output_type="latent").images
+        torch.testing.assert_close(pairs["final"][k], final, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(pairs["final"][0], pairs["final"][1])  # each noise its own picture
+    stamp = (tmp_path / "reflow" / PAIRS_FILE).stat().st_mtime_ns
+    assert distill(max_steps=2, resume=True, **reflow).steps == 2
+    assert (tmp_path / "reflow" / PAIRS_FILE).stat().st_mtime_ns == stamp  # read back, not drawn again

@@ -51,12 +51,13 @@ NEGATIVE_FILE = "negative_embeds.safetensors"
 SHUFFLE_WINDOW_SHARDS = 8
 
 
-def save_atomically(tensors: dict, path: Path) -> None:
-    """Write tensors to a safetensors file that appears complete or not at all (temp name, fsync, rename)."""
+def save_atomically(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    """Write tensors (and string `metadata`) to a safetensors file that appears complete or not at all (temp name,
+    fsync, rename)."""
     from safetensors.torch import save_file
 
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)

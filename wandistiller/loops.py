@@ -31,6 +31,7 @@ from .cache import (
 from .data import DEFAULT_PROMPTS_PATH, TargetSpec, make_online_inputs, packaged_file, read_prompts
 from .loss import DistillLoss, FeatureAdapters, NonFiniteLossError, check_finite, non_finite_message
 from .model import StudentConfig, WanLiteTransformer2DModel, load_student_config, student_model_config
+from .reflow_pairs import PAIRS_FILE, StudentPairs
 
 DEFAULT_STUDENT_CONFIG = str(packaged_file("config", "student_config_small.json"))  # package data: any install
 
@@ -91,6 +92,12 @@ class DistillConfig:
             in a few Euler steps; needs latent_source=trajectory and teacher_targets=cache; start it from a
             velocity-distilled student with student_init=<its folder>; its pipeline samples with
             FlowMatchEulerDiscreteScheduler, shift 1).
+        reflow_pairs: where reflow's (noise, final latent) pairs come from: teacher (the recorded trajectories:
+            trajectories_per_prompt per prompt) or student (student_init, a CFG-distilled velocity student, draws
+            reflow_pairs_per_prompt noises per prompt and samples each at num_inference_steps steps, one forward a
+            step, before training; kept in output_dir/reflow_pairs.safetensors for a resume). Many pairs per
+            prompt let the few-step student learn the noise-to-picture map instead of averaging a few pairs.
+        reflow_pairs_per_prompt: pairs per prompt that reflow_pairs=student draws.
         timestep_weighting: loss weight per noise level: none, min_snr or cosmap.
         feature_weight: weight of feature distillation on the blocks' outputs; 0: off (> 0 needs
             teacher_targets=online).
@@ -152,6 +159,8 @@ class DistillConfig:
     ema_decay: float = 0.999
     cfg_distill: bool = True
     objective: str = "velocity"
+    reflow_pairs: str = "teacher"
+    reflow_pairs_per_prompt: int = 30
     timestep_weighting: str = "none"
     feature_weight: float = 0.0
     mixed_precision: str = "auto"
@@ -270,6 +279,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
     sample_prompts = list(cfg.sample_prompts or run.prompts[:2])
     projects = cfg.student_init == "projection" and not checkpoints and rt.is_main
     targets = _prepare_targets(cfg, run, rt, teacher, sample_prompts, projects)  # 2. teacher targets
+    pairs = _prepare_student_pairs(cfg, run, rt, out, targets)  # reflow_pairs='student': None otherwise
     student, report, state = _prepare_student(cfg, run, rt, teacher, checkpoints)  # 3. the student
     tr = _make_training(cfg, run, rt, student, report, state, targets)  # 4. loss, optimiser, schedule, EMA
     metrics = _prepare_metrics(out / "metrics.jsonl", tr.step, rt.is_main)
@@ -284,7 +294,7 @@ def distill(config: DistillConfig | None = None, /, **params) -> DistillResult:
         torch.set_rng_state(state["rng"])
     else:
         torch.manual_seed(cfg.seed)
-    _train(cfg, rt, tr, targets, online, out, metrics, samples, callbacks)  # 5. the train loop
+    _train(cfg, rt, tr, targets, pairs, online, out, metrics, samples, callbacks)  # 5. the train loop
     return _export(cfg, rt, out, run, tr, metrics, samples, callbacks)  # 6. student, EMA and pipeline
 
 
@@ -388,11 +398,13 @@ def _resolve_config(config, params) -> DistillConfig:
 
 
 _COUNTS = ("batch_size", "num_epochs", "gradient_accumulation_steps", "num_inference_steps", "samples_per_prompt",
-           "trajectories_per_prompt", "checkpoint_interval", "keep_checkpoints", "sample_interval")
+           "trajectories_per_prompt", "checkpoint_interval", "keep_checkpoints", "sample_interval",
+           "reflow_pairs_per_prompt")
 
 
 
 OBJECTIVES = ("velocity", "reflow")
+REFLOW_PAIRS = ("teacher", "student")
 
 
 def _check(cfg: DistillConfig, world_size: int) -> None:
@@ -423,8 +435,17 @@ def _check(cfg: DistillConfig, world_size: int) -> None:
 def _check_objective(cfg: DistillConfig) -> None:
     if cfg.objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
+    if cfg.reflow_pairs not in REFLOW_PAIRS:
+        raise ValueError(f"reflow_pairs must be one of {', '.join(REFLOW_PAIRS)}, got {cfg.reflow_pairs!r}")
     if cfg.objective != "reflow":
+        if cfg.reflow_pairs != "teacher":
+            raise ValueError(f"reflow_pairs={cfg.reflow_pairs!r} sets where reflow's pairs come from: set "
+                             "objective='reflow', or drop reflow_pairs")
         return
+    if cfg.reflow_pairs == "student" and cfg.student_init in ("projection", "random"):
+        raise ValueError(f"reflow_pairs='student' samples its pairs with the student it starts from, and "
+                         f"student_init={cfg.student_init!r} cannot draw yet: set student_init to a velocity-distilled "
+                         "student's folder (e.g. 03's output_dir/distill/student_ema)")
     if cfg.latent_source != "trajectory":
         raise ValueError(f"objective='reflow' trains on the (noise, final latent) pairs of the teacher's trajectories, "
                          f"which latent_source='trajectory' alone records: set latent_source='trajectory' (got "
@@ -542,7 +563,7 @@ def _check_projection(cfg: DistillConfig, student_cfg: StudentConfig, teacher_co
 
 
 RUN_OUTPUTS = ("checkpoints", "student", "student_ema", "pipeline", "samples", "metrics.jsonl",
-               "distill_config.json")
+               "distill_config.json", PAIRS_FILE)
 
 
 
@@ -629,6 +650,23 @@ def _prepare_targets(cfg: DistillConfig, run: _RunInputs, rt: _Dist, teacher: _L
             wait_for_files([cache_dir / "manifest.json"])
             rt.barrier()
     return stream_target_cache(cache_dir, run.fingerprint, spec, prompts)
+
+
+def _prepare_student_pairs(cfg: DistillConfig, run: _RunInputs, rt: _Dist, out: Path, targets) -> StudentPairs | None:
+    """reflow_pairs='student': the pairs student_init samples (rank 0, once per run; see `reflow_pairs`), else None."""
+    if cfg.objective != "reflow" or cfg.reflow_pairs != "student":
+        return None
+    from .reflow_pairs import student_pairs
+
+    def make_pipe():
+        student = WanLiteTransformer2DModel.from_pretrained(Path(cfg.student_init)).to(rt.device).eval()
+        return _sampling_pipeline(str(run.teacher.source), student, few_step=False)
+
+    latent_shape = tuple(targets[0]["latents"].shape)  # (C, h, w), as the teacher's records have them
+    settings = {"student_init": str(Path(cfg.student_init).resolve()), "per_prompt": cfg.reflow_pairs_per_prompt,
+                "steps": cfg.num_inference_steps, "seed": cfg.seed, "prompts": len(run.prompts)}
+    return student_pairs(out, settings, make_pipe, targets.embeddings, len(run.prompts), latent_shape, rt.is_main,
+                         cfg.progress and rt.is_main)
 
 
 # --- 3. the student --------------------------------------------------------------------------------------------
@@ -791,8 +829,8 @@ def _restore_training_state(state: dict, optimizer, lr_scheduler, ema, loss_fn, 
 # --- 5. the train loop -----------------------------------------------------------------------------------------
 
 
-def _train(cfg: DistillConfig, rt: _Dist, tr: _Training, targets, online, out: Path, metrics: list, samples,
-           callbacks: Callback) -> None:
+def _train(cfg: DistillConfig, rt: _Dist, tr: _Training, targets, pairs: StudentPairs | None, online, out: Path,
+           metrics: list, samples, callbacks: Callback) -> None:
     """Micro-batches with gradient accumulation, one optimiser step per `gradient_accumulation_steps` of them,
     metrics and checkpoints per step, samples per `sample_interval` epochs; from wherever `tr` stands."""
     autocast = _autocast(cfg, rt.device)
@@ -805,7 +843,7 @@ def _train(cfg: DistillConfig, rt: _Dist, tr: _Training, targets, online, out: P
             if b >= tr.batches_per_epoch:
                 break
             if cfg.objective == "reflow":
-                batch = _reflow_batch(batch, targets, cfg.seed, tr.step, meter.micro, rt)
+                batch = _reflow_batch(batch, targets, cfg.seed, tr.step, meter.micro, rt, pairs)
             parts = _micro_step(tr.model, tr.loss_fn, batch, targets, online, rt, autocast, tr.step)
             (parts["loss"] / cfg.gradient_accumulation_steps).backward()
             meter.add(parts, len(batch["timesteps"]))
@@ -925,20 +963,26 @@ def _recorded_config(cfg: DistillConfig) -> dict:
     return record
 
 
-def _reflow_batch(batch: dict, targets, seed: int, step: int, micro: int, rt: _Dist) -> dict:
+def _reflow_batch(batch: dict, targets, seed: int, step: int, micro: int, rt: _Dist,
+                  pairs: StudentPairs | None = None) -> dict:
     """Reflow's micro-batch: for each record's trajectory (noise z, final latent x0), the point of the straight path
     at a noise level sigma ~ U(0, 1) and its velocity z - x0 (the one velocity target, so the guided target is
-    that velocity too). The noise levels are drawn for the global micro-batch from a generator seeded by (seed,
-    step, micro-batch) alone, each rank taking its own rows as the sampler deals them: a resumed run, or one on
-    several ranks, draws the same levels."""
+    that velocity too). With student `pairs`, each record's pair is one of its prompt's pairs instead, drawn after
+    the noise levels. Both are drawn for the global micro-batch from a generator seeded by (seed, step,
+    micro-batch) alone, each rank taking its own rows as the sampler deals them: a resumed run, or one on several
+    ranks, draws the same levels and pairs."""
     from .loss import reflow_targets, sample_timesteps
 
     index = batch["trajectory"]
-    noise, final = targets.reflow_pairs(index)
     key = hashlib.sha256(f"reflow:{seed}:{step}:{micro}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
     timesteps = sample_timesteps(len(index) * rt.world_size, generator=generator, distribution="uniform")
     timesteps = timesteps[rt.rank::rt.world_size]
+    if pairs is None:
+        noise, final = targets.reflow_pairs(index)
+    else:
+        choice = torch.randint(pairs.per_prompt, (len(index) * rt.world_size,), generator=generator)
+        noise, final = pairs.pairs(batch["prompt_index"], choice[rt.rank::rt.world_size])
     latents, velocity = reflow_targets(final, noise, timesteps)
     kept = {key: value for key, value in batch.items() if key not in ("v_cond", "v_uncond")}
     return {**kept, "latents": latents, "timesteps": timesteps, "velocity": velocity}
@@ -1010,30 +1054,38 @@ def _make_samples(cfg: DistillConfig, run: _RunInputs, rt: _Dist, out: Path, stu
                     sample_dir, teacher=teacher.loaded)
 
 
+def _sampling_pipeline(teacher_source: str, student, few_step: bool):
+    """A `WanLitePipeline` around `student` with the teacher's VAE and scheduler (the few-step Euler one for a
+    reflow run), on the student's device, without a progress bar."""
+    from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
+
+    from .pipeline import WanLitePipeline, few_step_scheduler
+    from .teacher import read_model_index
+
+    vae = AutoencoderKLWan.from_pretrained(teacher_source, subfolder="vae").eval().requires_grad_(False)
+    scheduler = (few_step_scheduler() if few_step
+                 else UniPCMultistepScheduler.from_pretrained(teacher_source, subfolder="scheduler"))
+    expand = bool(read_model_index(Path(teacher_source)).get("expand_timesteps"))
+    vae.to(next(student.parameters()).device)
+    pipe = WanLitePipeline(transformer=student, vae=vae, scheduler=scheduler, expand_timesteps=expand,
+                           few_step=few_step)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 class _Samples:
     """Student (and, once, teacher) images for the sample prompts from the same fixed noise, written to `dir`."""
 
     def __init__(self, cfg: DistillConfig, teacher_source: str, student, prompts: list[str], embeds,
                  height: int, width: int, sample_dir: Path, teacher=None):
-        from diffusers import AutoencoderKLWan, UniPCMultistepScheduler
-
-        from .pipeline import WanLitePipeline, few_step_scheduler
-        from .teacher import read_model_index
-
         self.cfg, self.prompts, self.embeds, self.dir = cfg, prompts, embeds, sample_dir
         self.paths, self.grids = [], []  # what this run wrote
         self.steps = cfg.sample_steps or cfg.num_inference_steps
-        vae = AutoencoderKLWan.from_pretrained(teacher_source, subfolder="vae").eval().requires_grad_(False)
-        scheduler = (few_step_scheduler() if cfg.objective == "reflow"
-                     else UniPCMultistepScheduler.from_pretrained(teacher_source, subfolder="scheduler"))
-        expand = bool(read_model_index(Path(teacher_source)).get("expand_timesteps"))
-        vae.to(next(student.parameters()).device)
-        self.pipe = WanLitePipeline(transformer=student, vae=vae, scheduler=scheduler, expand_timesteps=expand,
-                                    few_step=cfg.objective == "reflow")
-        self.pipe.set_progress_bar_config(disable=True)
+        self.pipe = _sampling_pipeline(teacher_source, student, few_step=cfg.objective == "reflow")
         scale = self.pipe.vae_scale_factor
         generator = torch.Generator().manual_seed(cfg.seed + 12345)
-        self.noise = torch.randn(len(prompts), vae.config.z_dim, height // scale, width // scale, generator=generator)
+        self.noise = torch.randn(len(prompts), self.pipe.vae.config.z_dim, height // scale, width // scale,
+                                 generator=generator)
         self.teacher_images = self._teacher_images(teacher) if teacher is not None else None
 
     def _teacher_images(self, teacher) -> list:
