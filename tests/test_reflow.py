@@ -239,7 +239,8 @@ def test_reflow_on_student_pairs_trains_on_what_the_velocity_student_samples(tmp
                   lr=1e-3, ema_decay=0, progress=False, save_samples=False, cache_dir=str(tmp_path / "cache"))
     velocity = distill(output_dir=str(tmp_path / "velocity"), student_init="random", max_steps=2, **common)
     reflow = dict(output_dir=str(tmp_path / "reflow"), student_init=str(velocity.student_path), objective="reflow",
-                  reflow_pairs="student", reflow_pairs_per_prompt=3, checkpoint_interval=1, **common)
+                  reflow_pairs="student", reflow_pairs_per_prompt=3, reflow_pair_steps=STEPS, checkpoint_interval=1,
+                  **common)
     distill(max_steps=1, **reflow)
     pairs = load_file(tmp_path / "reflow" / PAIRS_FILE)
     assert pairs["noise"].shape == pairs["final"].shape == (3, 2, 16, 8, 8)

@@ -94,10 +94,13 @@ class DistillConfig:
             FlowMatchEulerDiscreteScheduler, shift 1).
         reflow_pairs: where reflow's (noise, final latent) pairs come from: teacher (the recorded trajectories:
             trajectories_per_prompt per prompt) or student (student_init, a CFG-distilled velocity student, draws
-            reflow_pairs_per_prompt noises per prompt and samples each at num_inference_steps steps, one forward a
-            step, before training; kept in output_dir/reflow_pairs.safetensors for a resume). Many pairs per
-            prompt let the few-step student learn the noise-to-picture map instead of averaging a few pairs.
+            reflow_pairs_per_prompt noises per prompt and samples each in reflow_pair_steps steps of the teacher's
+            scheduler, one forward a step, before training; kept in output_dir/reflow_pairs.safetensors for a
+            resume). Many pairs per prompt let the few-step student learn the noise-to-picture map instead of
+            averaging a few pairs.
         reflow_pairs_per_prompt: pairs per prompt that reflow_pairs=student draws.
+        reflow_pair_steps: sampling steps of each pair reflow_pairs=student draws: the student's own full step
+            count (the pairs are the pictures the few-step student learns to draw).
         timestep_weighting: loss weight per noise level: none, min_snr or cosmap.
         feature_weight: weight of feature distillation on the blocks' outputs; 0: off (> 0 needs
             teacher_targets=online).
@@ -161,6 +164,7 @@ class DistillConfig:
     objective: str = "velocity"
     reflow_pairs: str = "teacher"
     reflow_pairs_per_prompt: int = 30
+    reflow_pair_steps: int = 30
     timestep_weighting: str = "none"
     feature_weight: float = 0.0
     mixed_precision: str = "auto"
@@ -399,7 +403,7 @@ def _resolve_config(config, params) -> DistillConfig:
 
 _COUNTS = ("batch_size", "num_epochs", "gradient_accumulation_steps", "num_inference_steps", "samples_per_prompt",
            "trajectories_per_prompt", "checkpoint_interval", "keep_checkpoints", "sample_interval",
-           "reflow_pairs_per_prompt")
+           "reflow_pairs_per_prompt", "reflow_pair_steps")
 
 
 
@@ -664,7 +668,7 @@ def _prepare_student_pairs(cfg: DistillConfig, run: _RunInputs, rt: _Dist, out: 
 
     latent_shape = tuple(targets[0]["latents"].shape)  # (C, h, w), as the teacher's records have them
     settings = {"student_init": str(Path(cfg.student_init).resolve()), "per_prompt": cfg.reflow_pairs_per_prompt,
-                "steps": cfg.num_inference_steps, "seed": cfg.seed, "prompts": len(run.prompts)}
+                "steps": cfg.reflow_pair_steps, "seed": cfg.seed, "prompts": len(run.prompts)}
     return student_pairs(out, settings, make_pipe, targets.embeddings, len(run.prompts), latent_shape, rt.is_main,
                          cfg.progress and rt.is_main)
 
