@@ -1,6 +1,7 @@
 """Few-step students (issue 13): the reflow objective on the recorded teacher trajectories and the few-step sampler."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -77,6 +78,32 @@ def test_reflow_batch_is_the_straight_path_between_the_pairs(trajectories):
         assert torch.equal(got["timesteps"], levels[rank::2])
 
 
+@pytest.mark.parametrize("steps", [1, 3, 4, 8])
+def test_reflow_noise_levels_are_the_few_step_samplers_own(steps):
+    """With sampler_steps=n reflow trains at exactly the timesteps the few-step pipeline runs at n steps, each
+    about equally often; pure_noise moves that share of rows to sigma 1."""
+    from wandistiller.loss import reflow_timesteps
+    from wandistiller.pipeline import WanLitePipeline, few_step_scheduler
+
+    # the pipeline's own step setting, on a saved few-step pipeline's config and scheduler alone
+    runs = SimpleNamespace(config={"few_step": True}, scheduler=few_step_scheduler())
+    WanLitePipeline._set_timesteps(runs, steps, "cpu")
+    by_hand = [1000 * (steps - k) / steps for k in range(steps)]  # sigma 1, 1 - 1/n, ..., 1/n
+    torch.testing.assert_close(runs.scheduler.timesteps, torch.tensor(by_hand), rtol=0, atol=1e-4)
+    n = 8000
+    t = reflow_timesteps(n, generator=torch.Generator().manual_seed(0), sampler_steps=steps)
+    assert t.dtype == torch.float32 and t.shape == (n,)
+    assert set(t.tolist()) == set(runs.scheduler.timesteps.tolist())
+    share = torch.stack([(t == level).float().mean() for level in runs.scheduler.timesteps])
+    assert (share - 1 / steps).abs().max() < 0.02
+    t = reflow_timesteps(n, generator=torch.Generator().manual_seed(0), sampler_steps=steps, pure_noise=0.4)
+    assert set(t.tolist()) == set(runs.scheduler.timesteps.tolist())
+    assert abs((t == 1000).float().mean() - (0.4 + 0.6 / steps)) < 0.02
+    # the default: sigma ~ U(0, 1), off any grid
+    t = reflow_timesteps(n, generator=torch.Generator().manual_seed(0))
+    assert len(set(t.tolist())) > 0.99 * n and abs(t.mean() - 500) < 15
+
+
 def test_reflow_batch_on_student_pairs_takes_one_pair_of_each_records_prompt(trajectories):
     _, _, targets = trajectories
     noise = torch.randn(5, len(PROMPTS), 16, 8, 8, generator=torch.Generator().manual_seed(0))
@@ -142,8 +169,9 @@ def test_reflow_from_a_velocity_student_exports_the_few_step_pipeline(tmp_path):
                   max_steps=2, lr=1e-3, ema_decay=0, progress=False, save_samples=False,
                   cache_dir=str(tmp_path / "cache"))
     velocity = distill(output_dir=str(tmp_path / "velocity"), student_init="random", **common)
+    # noise levels on the 2-step sampler's grid, half the rows at pure noise
     reflow = distill(output_dir=str(tmp_path / "reflow"), student_init=str(velocity.student_path),
-                     objective="reflow", **common)
+                     objective="reflow", reflow_sampler_steps=2, reflow_pure_noise=0.5, **common)
     assert json.loads((tmp_path / "reflow" / "distill_config.json").read_text())["objective"] == "reflow"
 
     # the first step by hand: the loop's first batch (its sampler, seed 0, epoch 0) on the straight paths
@@ -153,7 +181,8 @@ def test_reflow_from_a_velocity_student_exports_the_few_step_pipeline(tmp_path):
     sampler = torch.utils.data.DistributedSampler(targets, num_replicas=1, rank=0, shuffle=True, seed=0, drop_last=True)
     sampler.set_epoch(0)
     batch = next(iter(torch.utils.data.DataLoader(targets, batch_size=4, sampler=sampler, drop_last=True)))
-    t = _reflow_batch(batch, targets, seed=0, step=0, micro=0, rt=_Dist())["timesteps"]
+    t = _reflow_batch(batch, targets, seed=0, step=0, micro=0, rt=_Dist(), sampler_steps=2, pure_noise=0.5)["timesteps"]
+    assert set(t.tolist()) <= {1000.0, 500.0}
     noise, final = targets.reflow_pairs()
     z, x0 = noise[batch["trajectory"]], final[batch["trajectory"]]
     sigma = (t / 1000).view(-1, 1, 1, 1)
@@ -191,6 +220,9 @@ def test_reflow_from_a_velocity_student_exports_the_few_step_pipeline(tmp_path):
     (dict(reflow_pairs="student"), "^reflow_pairs='student' samples its pairs with the student it starts from, and "
                                    "student_init='projection' cannot draw yet: set student_init to a velocity-"),
     (dict(reflow_pairs="student", reflow_pairs_per_prompt=0), "^reflow_pairs_per_prompt=0 must be a whole number"),
+    (dict(reflow_sampler_steps=-1), r"^reflow_sampler_steps=-1 must be a whole number of at least 0 \(0: noise "),
+    (dict(reflow_sampler_steps=2.0), r"^reflow_sampler_steps=2.0 must be a whole number"),
+    (dict(reflow_pure_noise=1.0), r"^reflow_pure_noise=1.0 must be in \[0, 1\): the share of rows at pure noise"),
 ])
 def test_reflow_without_recorded_trajectories_is_refused_in_one_line(tmp_path, monkeypatch, params, message):
     def refuse(*args, **kwargs):

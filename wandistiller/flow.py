@@ -38,6 +38,12 @@ def timestep_from_sigma(sigma):
     return sigma * NUM_TRAIN_TIMESTEPS
 
 
+def few_step_sigmas(num_steps: int) -> torch.Tensor:
+    """The noise levels a few-step (reflowed) student's sampler visits in `num_steps` Euler steps: 1, 1 - 1/n, ...,
+    1/n (float64), then 0. They hold those of every step count dividing n (8 steps visit 4 steps' levels)."""
+    return torch.linspace(1, 0, num_steps + 1, dtype=torch.float64)[:-1]
+
+
 def shift_sigma(sigma, shift: float):
     """Wan's flow shift (``flow_shift`` of its scheduler): moves noise levels towards 1 for shift > 1."""
     return shift * sigma / (1 + (shift - 1) * sigma)

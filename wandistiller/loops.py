@@ -101,6 +101,11 @@ class DistillConfig:
         reflow_pairs_per_prompt: pairs per prompt that reflow_pairs=student draws.
         reflow_pair_steps: sampling steps of each pair reflow_pairs=student draws: the student's own full step
             count (the pairs are the pictures the few-step student learns to draw).
+        reflow_sampler_steps: the step count the few-step student is trained for: reflow draws its noise levels
+            from the levels its sampler visits at that count (1, 1 - 1/n, ..., 1/n, which hold those of every
+            count dividing it); 0: sigma ~ U(0, 1).
+        reflow_pure_noise: share of reflow's rows put at pure noise (sigma 1) instead: the first step, which lays
+            out the picture.
         timestep_weighting: loss weight per noise level: none, min_snr or cosmap.
         feature_weight: weight of feature distillation on the blocks' outputs; 0: off (> 0 needs
             teacher_targets=online).
@@ -165,6 +170,8 @@ class DistillConfig:
     reflow_pairs: str = "teacher"
     reflow_pairs_per_prompt: int = 30
     reflow_pair_steps: int = 30
+    reflow_sampler_steps: int = 4
+    reflow_pure_noise: float = 0.4
     timestep_weighting: str = "none"
     feature_weight: float = 0.0
     mixed_precision: str = "auto"
@@ -441,6 +448,13 @@ def _check_objective(cfg: DistillConfig) -> None:
         raise ValueError(f"objective must be one of {', '.join(OBJECTIVES)}, got {cfg.objective!r}")
     if cfg.reflow_pairs not in REFLOW_PAIRS:
         raise ValueError(f"reflow_pairs must be one of {', '.join(REFLOW_PAIRS)}, got {cfg.reflow_pairs!r}")
+    steps = cfg.reflow_sampler_steps
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"reflow_sampler_steps={steps!r} must be a whole number of at least 0 (0: noise levels "
+                         "sigma ~ U(0, 1)), e.g. 4")
+    if not 0 <= cfg.reflow_pure_noise < 1:
+        raise ValueError(f"reflow_pure_noise={cfg.reflow_pure_noise!r} must be in [0, 1): the share of rows at "
+                         "pure noise, e.g. 0.2")
     if cfg.objective != "reflow":
         if cfg.reflow_pairs != "teacher":
             raise ValueError(f"reflow_pairs={cfg.reflow_pairs!r} sets where reflow's pairs come from: set "
@@ -847,7 +861,8 @@ def _train(cfg: DistillConfig, rt: _Dist, tr: _Training, targets, pairs: Student
             if b >= tr.batches_per_epoch:
                 break
             if cfg.objective == "reflow":
-                batch = _reflow_batch(batch, targets, cfg.seed, tr.step, meter.micro, rt, pairs)
+                batch = _reflow_batch(batch, targets, cfg.seed, tr.step, meter.micro, rt, pairs,
+                                      sampler_steps=cfg.reflow_sampler_steps, pure_noise=cfg.reflow_pure_noise)
             parts = _micro_step(tr.model, tr.loss_fn, batch, targets, online, rt, autocast, tr.step)
             (parts["loss"] / cfg.gradient_accumulation_steps).backward()
             meter.add(parts, len(batch["timesteps"]))
@@ -968,19 +983,20 @@ def _recorded_config(cfg: DistillConfig) -> dict:
 
 
 def _reflow_batch(batch: dict, targets, seed: int, step: int, micro: int, rt: _Dist,
-                  pairs: StudentPairs | None = None) -> dict:
+                  pairs: StudentPairs | None = None, sampler_steps: int = 0, pure_noise: float = 0.0) -> dict:
     """Reflow's micro-batch: for each record's trajectory (noise z, final latent x0), the point of the straight path
-    at a noise level sigma ~ U(0, 1) and its velocity z - x0 (the one velocity target, so the guided target is
+    at a noise level (`loss.reflow_timesteps`: sigma ~ U(0, 1) by default) and its velocity z - x0 (the one velocity target, so the guided target is
     that velocity too). With student `pairs`, each record's pair is one of its prompt's pairs instead, drawn after
     the noise levels. Both are drawn for the global micro-batch from a generator seeded by (seed, step,
     micro-batch) alone, each rank taking its own rows as the sampler deals them: a resumed run, or one on several
     ranks, draws the same levels and pairs."""
-    from .loss import reflow_targets, sample_timesteps
+    from .loss import reflow_targets, reflow_timesteps
 
     index = batch["trajectory"]
     key = hashlib.sha256(f"reflow:{seed}:{step}:{micro}".encode()).digest()
     generator = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
-    timesteps = sample_timesteps(len(index) * rt.world_size, generator=generator, distribution="uniform")
+    timesteps = reflow_timesteps(len(index) * rt.world_size, generator=generator, sampler_steps=sampler_steps,
+                                 pure_noise=pure_noise)
     timesteps = timesteps[rt.rank::rt.world_size]
     if pairs is None:
         noise, final = targets.reflow_pairs(index)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .flow import (
-    DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, add_noise, guided_velocity, shift_sigma, sigma_from_timestep, timestep_from_sigma,
+    DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, add_noise, few_step_sigmas, guided_velocity, shift_sigma, sigma_from_timestep, timestep_from_sigma,
     unshift_sigma,
 )
 
@@ -88,6 +88,24 @@ def sample_timesteps(
     # Rounding to float32 can land exactly on `high`; the interval is half-open like the scheduler's.
     below_high = torch.nextafter(torch.tensor(float(high)), torch.tensor(float(low)))
     return timesteps.clamp(min=low, max=below_high.item()).to(device)
+
+
+def reflow_timesteps(batch_size: int, *, generator: torch.Generator | None = None, sampler_steps: int = 0,
+                     pure_noise: float = 0.0) -> torch.Tensor:
+    """Reflow's ``batch_size`` float timesteps. ``sampler_steps=0``: noise levels ``sigma ~ U(0, 1)``
+    (`sample_timesteps`, "uniform"); n: drawn evenly from the n levels the few-step sampler visits at n steps
+    (`flow.few_step_sigmas`), the only inputs it ever gives the student. Then each row is at pure noise (sigma 1,
+    the first step, which lays out the picture) with probability `pure_noise` instead."""
+    device = _generator_device(generator)
+    if sampler_steps:
+        levels = timestep_from_sigma(few_step_sigmas(sampler_steps)).float().to(device)
+        timesteps = levels[torch.randint(sampler_steps, (batch_size,), generator=generator, device=device)]
+    else:
+        timesteps = sample_timesteps(batch_size, generator=generator, distribution="uniform")
+    if pure_noise > 0:
+        top = torch.rand(batch_size, generator=generator, device=device) < pure_noise
+        timesteps = timesteps.masked_fill(top, float(NUM_TRAIN_TIMESTEPS))
+    return timesteps
 
 
 # --- targets and losses -----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from diffusers.utils.torch_utils import get_module_execution_device, randn_tenso
 # Imported here so that `WanLitePipeline.from_pretrained` finds the student's and the 2D VAE's classes: diffusers
 # resolves the custom components "wandistiller.model" and "wandistiller.vae2d" in model_index.json from the
 # already-imported modules.
-from .flow import MAX_SEQUENCE_LENGTH, NUM_TRAIN_TIMESTEPS, guided_velocity, per_token_timesteps
+from .flow import MAX_SEQUENCE_LENGTH, NUM_TRAIN_TIMESTEPS, few_step_sigmas, guided_velocity, per_token_timesteps
 from .model import WanLiteTransformer2DModel
 from .teacher import read_json
 from .vae2d import WanVAE2D, vae_to_2d
@@ -275,8 +275,7 @@ class WanLitePipeline(DiffusionPipeline):
         if not self.config.get("few_step", False):
             self.scheduler.set_timesteps(num_inference_steps, device=device)
             return
-        sigmas = torch.linspace(1, 0, num_inference_steps + 1, dtype=torch.float64)[:-1]
-        self.scheduler.set_timesteps(sigmas=sigmas.tolist(), device=device)
+        self.scheduler.set_timesteps(sigmas=few_step_sigmas(num_inference_steps).tolist(), device=device)
 
     def _image_size(self, latents, height, width) -> tuple:
         """(latents without a frame axis, height, width): the size from the arguments, the latents or the default."""
