@@ -11,7 +11,7 @@ from wandistiller.cache import build_target_cache, load_target_cache
 from wandistiller.data import TargetSpec, _prompt_noise, read_prompts, record_trajectories
 from wandistiller.loops import _Dist, _reflow_batch, distill
 from wandistiller.model import WanLiteTransformer2DModel
-from wandistiller.reflow_pairs import PAIRS_FILE, StudentPairs, pair_noise, student_pairs
+from wandistiller.reflow_pairs import PAIRS_FILE, StudentPairs, pair_noise, sample_student_pairs, student_pairs
 from wandistiller.teacher import load_teacher, read_teacher_info
 
 PROMPTS = ["a red fox sitting in fresh snow", "a lighthouse on a rocky coast", "a bowl of ramen"]
@@ -287,6 +287,9 @@ def test_reflow_on_student_pairs_trains_on_what_the_velocity_student_samples(tmp
                      output_type="latent").images
         torch.testing.assert_close(pairs["final"][k], final, rtol=1e-5, atol=1e-6)
     assert not torch.allclose(pairs["final"][0], pairs["final"][1])  # each noise its own picture
+    # in batches of 4 that cut across pairs (rows 0-3, then 4-5), each noise still gets its own prompt
+    again = sample_student_pairs(pipe, targets.prompt_embeds, pairs["noise"], STEPS, batch_size=4, progress=False)
+    torch.testing.assert_close(again.final, pairs["final"], rtol=1e-5, atol=1e-6)
     stamp = (tmp_path / "reflow" / PAIRS_FILE).stat().st_mtime_ns
     assert distill(max_steps=2, resume=True, **reflow).steps == 2
     assert (tmp_path / "reflow" / PAIRS_FILE).stat().st_mtime_ns == stamp  # read back, not drawn again

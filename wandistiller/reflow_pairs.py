@@ -54,12 +54,17 @@ def sample_student_pairs(pipe, embeds: torch.Tensor, noise: torch.Tensor, steps:
     steps with one forward per step."""
     device = next(pipe.transformer.parameters()).device
     per_prompt, num_prompts = noise.shape[:2]
-    jobs = [(k, slice(i, i + batch_size)) for k in range(per_prompt) for i in range(0, num_prompts, batch_size)]
-    final = torch.empty_like(noise)
-    for k, rows in tqdm(jobs, desc="reflow pairs from the student", unit="batch", disable=not progress):
-        final[k, rows] = pipe(prompt_embeds=embeds[rows].to(device), latents=noise[k, rows].to(device),
-                              num_inference_steps=steps, guidance_scale=1.0, output_type="latent").images.float().cpu()
-    return StudentPairs(noise, final)
+    # every (pair, prompt) in one flat list cut into full batches: per prompt-batch, a remainder of a few prompts
+    # would cost a whole sampler run each
+    flat_noise = noise.reshape(per_prompt * num_prompts, *noise.shape[2:])
+    prompt_of = torch.arange(num_prompts).repeat(per_prompt)
+    final = torch.empty_like(flat_noise)
+    starts = range(0, len(flat_noise), batch_size)
+    for i in tqdm(starts, desc="reflow pairs from the student", unit="batch", disable=not progress):
+        rows = slice(i, i + batch_size)
+        final[rows] = pipe(prompt_embeds=embeds[prompt_of[rows]].to(device), latents=flat_noise[rows].to(device),
+                           num_inference_steps=steps, guidance_scale=1.0, output_type="latent").images.float().cpu()
+    return StudentPairs(noise, final.view_as(noise))
 
 
 def student_pairs(out: Path, settings: dict, make_pipe, embeds_of, num_prompts: int, latent_shape: tuple,
