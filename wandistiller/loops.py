@@ -454,7 +454,7 @@ def _check_objective(cfg: DistillConfig) -> None:
                          "sigma ~ U(0, 1)), e.g. 4")
     if not 0 <= cfg.reflow_pure_noise < 1:
         raise ValueError(f"reflow_pure_noise={cfg.reflow_pure_noise!r} must be in [0, 1): the share of rows at "
-                         "pure noise, e.g. 0.2")
+                         "pure noise, e.g. 0.4")
     if cfg.objective != "reflow":
         if cfg.reflow_pairs != "teacher":
             raise ValueError(f"reflow_pairs={cfg.reflow_pairs!r} sets where reflow's pairs come from: set "
@@ -985,8 +985,8 @@ def _recorded_config(cfg: DistillConfig) -> dict:
 def _reflow_batch(batch: dict, targets, seed: int, step: int, micro: int, rt: _Dist,
                   pairs: StudentPairs | None = None, sampler_steps: int = 0, pure_noise: float = 0.0) -> dict:
     """Reflow's micro-batch: for each record's trajectory (noise z, final latent x0), the point of the straight path
-    at a noise level (`loss.reflow_timesteps`: sigma ~ U(0, 1) by default) and its velocity z - x0 (the one velocity target, so the guided target is
-    that velocity too). With student `pairs`, each record's pair is one of its prompt's pairs instead, drawn after
+    at a noise level (`loss.reflow_timesteps`) and its velocity z - x0 (the one velocity target, so the guided
+    target is that velocity too). With student `pairs`, each record's pair is one of its prompt's pairs instead, drawn after
     the noise levels. Both are drawn for the global micro-batch from a generator seeded by (seed, step,
     micro-batch) alone, each rank taking its own rows as the sampler deals them: a resumed run, or one on several
     ranks, draws the same levels and pairs."""

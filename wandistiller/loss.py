@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from .flow import (
-    DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, add_noise, few_step_sigmas, guided_velocity, shift_sigma, sigma_from_timestep, timestep_from_sigma,
-    unshift_sigma,
+    DEFAULT_FLOW_SHIFT, NUM_TRAIN_TIMESTEPS, add_noise, few_step_sigmas, guided_velocity, shift_sigma,
+    sigma_from_timestep, timestep_from_sigma, unshift_sigma,
 )
 
 TIMESTEP_DISTRIBUTIONS = ("shifted_uniform", "uniform", "logit_normal")
