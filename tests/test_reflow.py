@@ -143,15 +143,15 @@ def test_student_pairs_are_drawn_once_and_a_run_with_other_settings_is_refused(t
     settings = {"student_init": "/s", "per_prompt": 2, "steps": 3, "seed": 5, "prompts": 3}
     args = (lambda: Pipe(), lambda idx: torch.zeros(len(idx), 4, 8), 3, (16, 8, 8))
     first = student_pairs(tmp_path, settings, *args, is_main=True, progress=False)
-    assert calls == [(3, 3, 1.0)] * 2  # one batch per pair index, one forward per step (guidance 1)
+    assert calls == [(6, 3, 1.0)]  # the 2 x 3 (pair, prompt) rows in one batch, 3 steps, guidance 1
     torch.testing.assert_close(first.noise, pair_noise(5, 2, 3, (16, 8, 8)), rtol=0, atol=0)
     torch.testing.assert_close(first.final, first.noise / 2, rtol=0, atol=0)
     again = student_pairs(tmp_path, settings, *args, is_main=True, progress=False)  # a resume reads them back
-    assert len(calls) == 2 and torch.equal(again.final, first.final)
+    assert len(calls) == 1 and torch.equal(again.final, first.final)
     before = (tmp_path / PAIRS_FILE).read_bytes()
     with pytest.raises(ValueError, match="holds reflow pairs drawn with other settings than this run's: resume with"):
         student_pairs(tmp_path, {**settings, "per_prompt": 3}, *args, is_main=True, progress=False)
-    assert (tmp_path / PAIRS_FILE).read_bytes() == before and len(calls) == 2
+    assert (tmp_path / PAIRS_FILE).read_bytes() == before and len(calls) == 1
     assert not torch.equal(pair_noise(6, 2, 3, (16, 8, 8)), first.noise)
 
 
